@@ -1,0 +1,405 @@
+package main
+
+import (
+	"crypto/ed25519"
+	"crypto/sha256"
+	"crypto/subtle"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"regexp"
+	"strings"
+	"time"
+)
+
+// The errors every handler maps to a status code in fail.
+var (
+	errInvalid      = errors.New("invalid request")
+	errUnauthorized = errors.New("unauthorized")
+	errNotFound     = errors.New("not found")
+	errTooMany      = errors.New("too many requests")
+)
+
+// routes returns broker's whole HTTP API.
+func (s *server) routes() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /{$}", s.handleHealth)
+	mux.HandleFunc("POST /create_user", handle(s, s.createUser))
+	mux.HandleFunc("POST /login", handle(s, s.loginUser))
+	mux.HandleFunc("POST /list_users", handle(s, s.listUsers))
+	mux.HandleFunc("POST /get_user", handle(s, s.getUser))
+	mux.HandleFunc("POST /update_user", handle(s, s.updateUser))
+	mux.HandleFunc("POST /revoke_user", handle(s, s.revoke(true)))
+	mux.HandleFunc("POST /unrevoke_user", handle(s, s.revoke(false)))
+	mux.HandleFunc("POST /create_qr", handle(s, s.createQR))
+	mux.HandleFunc("POST /create_totp", handle(s, s.createTOTP))
+	mux.HandleFunc("POST /password_reset", handle(s, s.passwordReset))
+	mux.HandleFunc("GET /verify", s.handleVerify)
+	mux.HandleFunc("POST /insert", handle(s, s.insert))
+	mux.HandleFunc("GET /sse", s.handleSSE)
+	mux.HandleFunc("POST /backup", s.handleBackup)
+	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) { s.fail(w, r, errNotFound) })
+	return s.cors(mux)
+}
+
+// cors answers preflights and marks every answer with the allowed origin (CONTRACT §5).
+func (s *server) cors(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		h := w.Header()
+		h.Set("Access-Control-Allow-Origin", s.cfg.origin)
+		if s.cfg.origin != "*" {
+			h.Set("Vary", "Origin")
+		}
+		h.Set("X-Content-Type-Options", "nosniff")
+		if r.Method == http.MethodOptions {
+			h.Set("Access-Control-Allow-Methods", "GET, POST, HEAD")
+			h.Set("Access-Control-Allow-Headers", "Authorization, Content-Type, Last-Event-ID")
+			h.Set("Access-Control-Max-Age", "7200")
+			w.WriteHeader(http.StatusNoContent)
+			return
+		}
+		next.ServeHTTP(w, r)
+	})
+}
+
+// decode reads the JSON request body into v: at most 1 MiB, no unknown fields, no trailing data.
+func decode(w http.ResponseWriter, r *http.Request, v any) error {
+	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, 1<<20))
+	dec.DisallowUnknownFields()
+	err := dec.Decode(v)
+	if err == nil && dec.Decode(&struct{}{}) != io.EOF {
+		err = errors.New("unexpected data after the JSON object")
+	}
+	var tooBig *http.MaxBytesError
+	if err != nil && !errors.As(err, &tooBig) {
+		return fmt.Errorf("%w: %s", errInvalid, strings.TrimPrefix(err.Error(), "json: "))
+	}
+	return err
+}
+
+// encode answers v as JSON.
+func (s *server) encode(w http.ResponseWriter, r *http.Request, v any) {
+	b, err := json.Marshal(v)
+	if err != nil {
+		s.fail(w, r, fmt.Errorf("api: encode answer: %w", err))
+		return
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Cache-Control", "no-store")
+	w.Write(b)
+}
+
+// fail answers err as {"error": "..."} with its status; internal errors are logged and
+// shown to the client only as "internal error".
+func (s *server) fail(w http.ResponseWriter, r *http.Request, err error) {
+	status := http.StatusInternalServerError
+	var tooBig *http.MaxBytesError
+	var retry *retryError
+	switch {
+	case errors.As(err, &retry):
+		status = http.StatusTooManyRequests
+		w.Header().Set("Retry-After", retry.seconds())
+	case errors.Is(err, errTooMany):
+		status = http.StatusTooManyRequests
+		w.Header().Set("Retry-After", "1")
+	case errors.Is(err, errInvalid):
+		status = http.StatusBadRequest
+	case errors.Is(err, errUnauthorized):
+		status = http.StatusUnauthorized
+	case errors.Is(err, errNotFound):
+		status = http.StatusNotFound
+	case errors.As(err, &tooBig):
+		status, err = http.StatusRequestEntityTooLarge, errors.New("request body too large")
+	}
+	msg := err.Error()
+	if status == http.StatusInternalServerError {
+		s.log.Error("request failed", "method", r.Method, "path", r.URL.Path, "err", err)
+		msg = "internal error"
+	}
+	b, _ := json.Marshal(map[string]string{"error": msg})
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	w.Write(b)
+}
+
+// checkAdmin compares token with --admin_token through their SHA-256 digests, so the
+// comparison takes the same time whatever the token's length or content.
+func (s *server) checkAdmin(token string) error {
+	got := sha256.Sum256([]byte(token))
+	if subtle.ConstantTimeCompare(got[:], s.adminHash[:]) != 1 {
+		return fmt.Errorf("%w: wrong admin token", errUnauthorized)
+	}
+	return nil
+}
+
+// adminReq is embedded in the requests of admin endpoints; handle checks its token.
+type adminReq struct {
+	AdminToken string `json:"admin_token"`
+}
+
+func (a *adminReq) admin() string { return a.AdminToken }
+
+// userReq names the user an admin request is about.
+type userReq struct {
+	adminReq
+	Username string `json:"username"`
+}
+
+// handle is the one shape of a JSON endpoint: decode the body into a T, check the admin
+// token when T embeds adminReq, act, then answer the result as JSON or the error.
+func handle[T any](s *server, act func(r *http.Request, req *T) (any, error)) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		req := new(T)
+		err := decode(w, r, req)
+		if a, ok := any(req).(interface{ admin() string }); ok && err == nil {
+			err = s.checkAdmin(a.admin())
+		}
+		var out any
+		if err == nil {
+			out, err = act(r, req)
+		}
+		if err != nil {
+			s.fail(w, r, err)
+			return
+		}
+		s.encode(w, r, out)
+	}
+}
+
+func (s *server) handleHealth(w http.ResponseWriter, r *http.Request) {
+	s.encode(w, r, map[string]string{"status": "ok"})
+}
+
+type createReq struct {
+	userReq
+	userFields
+}
+
+func (s *server) createUser(r *http.Request, req *createReq) (any, error) {
+	if req.Password == nil || req.Tenant == nil {
+		return nil, fmt.Errorf("%w: username, password and tenant_name are required", errInvalid)
+	}
+	if err := s.validate(req.Username, req.userFields); err != nil {
+		return nil, err
+	}
+	hash, err := s.hashPassword(r.Context(), *req.Password)
+	if err != nil {
+		return nil, err
+	}
+	u := &user{ID: newID(), Username: req.Username}
+	s.apply(u, req.userFields, hash)
+	return map[string]string{"id": u.ID}, s.db.createUser(u)
+}
+
+type loginReq struct {
+	Username string `json:"username"`
+	Password string `json:"password"`
+	TOTP     string `json:"totp"`
+}
+
+func (s *server) loginUser(r *http.Request, req *loginReq) (any, error) {
+	u, err := s.login(r, req.Username, req.Password, &req.TOTP)
+	if err != nil {
+		return nil, err
+	}
+	jwt, _ := s.issueJWT(u)
+	return map[string]string{"jwt": jwt}, nil
+}
+
+type listReq struct {
+	adminReq
+	Tenant string `json:"tenant_name"`
+}
+
+func (s *server) listUsers(r *http.Request, req *listReq) (any, error) {
+	users, err := s.db.listUsers(req.Tenant)
+	views := make([]userView, len(users))
+	for i, u := range users {
+		views[i] = u.view()
+	}
+	return views, err
+}
+
+func (s *server) getUser(r *http.Request, req *userReq) (any, error) {
+	u, err := s.db.getUser(req.Username)
+	if err != nil {
+		return nil, err
+	}
+	return u.view(), nil
+}
+
+func (s *server) updateUser(r *http.Request, req *createReq) (any, error) {
+	old, err := s.db.getUser(req.Username)
+	if err == nil {
+		err = s.validate(req.Username, req.userFields)
+	}
+	hash := ""
+	if err == nil && req.Password != nil {
+		hash, err = s.hashPassword(r.Context(), *req.Password)
+	}
+	if err != nil {
+		return nil, err
+	}
+	u, err := s.db.updateUser(req.Username, func(u *user) error { return s.apply(u, req.userFields, hash) })
+	if err != nil {
+		return nil, err
+	}
+	if u.Tenant != old.Tenant || hash != "" {
+		s.hub.kick(u.Username) // streams opened in the old tenant or with the old password end
+	}
+	return u.view(), nil
+}
+
+func (s *server) revoke(revoked bool) func(*http.Request, *userReq) (any, error) {
+	return func(r *http.Request, req *userReq) (any, error) {
+		_, err := s.db.updateUser(req.Username, func(u *user) error {
+			if revoked {
+				u.endTokens(s.now()) // tokens issued before stay dead after an unrevoke
+			}
+			u.Revoked = revoked
+			return nil
+		})
+		if revoked && err == nil {
+			s.hub.kick(req.Username)
+		}
+		return struct{}{}, err
+	}
+}
+
+type qrReq struct {
+	userReq
+	Issuer string `json:"issuer"`
+}
+
+func (s *server) createQR(r *http.Request, req *qrReq) (any, error) {
+	u, err := s.db.getUser(req.Username)
+	if err != nil {
+		return nil, err
+	}
+	if !u.TwoFactor || req.Issuer == "" || strings.Contains(req.Issuer, ":") {
+		return nil, fmt.Errorf("%w: the user needs two_factor on, and issuer must be non-empty without ':'", errInvalid)
+	}
+	png, err := qrPNG(otpauthURL(req.Issuer, u.Username, u.TOTPSecret))
+	return map[string][]byte{"qr": png}, err
+}
+
+func (s *server) createTOTP(r *http.Request, req *userReq) (any, error) {
+	code, stored := newResetCode()
+	_, err := s.db.updateUser(req.Username, func(u *user) error {
+		u.ResetCode, u.ResetExpiry = stored, s.now().Unix()+s.cfg.totpDuration
+		return nil
+	})
+	return map[string]string{"totp": code}, err
+}
+
+var errBadCode = fmt.Errorf("%w: invalid or expired code", errUnauthorized)
+
+// passwordReset checks the password first (a weak one changes nothing and keeps the code
+// usable), hashes it outside the transaction, then consumes the code and sets the hash
+// in one transaction.
+func (s *server) passwordReset(r *http.Request, req *loginReq) (any, error) {
+	keys := []string{"user:" + req.Username, "addr:" + clientAddr(r)}
+	err := s.throttle.check(s.now(), keys...)
+	if err == nil {
+		err = s.checkPassword(req.Password, req.Username, "")
+	}
+	hash := ""
+	if err == nil {
+		hash, err = s.hashPassword(r.Context(), req.Password)
+	}
+	if err == nil {
+		_, err = s.db.updateUser(req.Username, func(u *user) error {
+			if !useResetCode(u, req.TOTP, s.now()) {
+				return errBadCode
+			}
+			return s.apply(u, userFields{}, hash)
+		})
+	}
+	if errors.Is(err, errBadCode) || errors.Is(err, errNotFound) {
+		s.throttle.fail(s.now(), keys...)
+		return nil, errBadCode
+	}
+	if err == nil {
+		s.throttle.succeed(keys...)
+		s.hub.kick(req.Username)
+	}
+	return struct{}{}, err
+}
+
+func (s *server) handleVerify(w http.ResponseWriter, r *http.Request) {
+	u, err := s.authenticate(r)
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	exp := s.now().Unix() + s.cfg.jwtExpiry
+	if c, err := verifyJWT(strings.TrimPrefix(r.Header.Get("Authorization"), "Bearer "), s.jwtKey, s.now()); err == nil {
+		exp = c.Exp // a biscuit expires with the JWT that asked for it
+	}
+	tok, err := mintBiscuit(s.rootKey, u, time.Unix(exp, 0))
+	if err != nil {
+		s.fail(w, r, fmt.Errorf("api: mint biscuit: %w", err))
+		return
+	}
+	scopes := u.Scopes
+	if scopes == nil {
+		scopes = []string{}
+	}
+	// key and token are JSON arrays of numbers, as the original broker answered them.
+	s.encode(w, r, map[string]any{
+		"key": bytesArray(s.rootKey.Public().(ed25519.PublicKey)), "token": bytesArray(tok),
+		"expiry": exp, "username": u.Username, "scopes": scopes,
+	})
+}
+
+// bytesArray makes b marshal as an array of numbers rather than base64.
+func bytesArray(b []byte) []int {
+	a := make([]int, len(b))
+	for i, c := range b {
+		a[i] = int(c)
+	}
+	return a
+}
+
+var eventNameRE = regexp.MustCompile(`^[A-Za-z0-9_./-]{1,128}$`)
+
+type insertReq struct {
+	Event string          `json:"event"`
+	Data  json.RawMessage `json:"data"`
+}
+
+func (s *server) insert(r *http.Request, req *insertReq) (any, error) {
+	u, err := s.authenticate(r)
+	if err != nil {
+		return nil, err
+	}
+	if !eventNameRE.MatchString(req.Event) {
+		return nil, fmt.Errorf("%w: event must be 1-128 ASCII letters, digits or _ - . /", errInvalid)
+	}
+	data, err := compactASCII(req.Data)
+	if err != nil {
+		return nil, err
+	}
+	id, err := s.hub.insert(&event{Tenant: u.Tenant, Name: req.Event, Data: data})
+	return map[string]uint64{"id": id}, err
+}
+
+func (s *server) handleBackup(w http.ResponseWriter, r *http.Request) {
+	var req adminReq
+	err := decode(w, r, &req)
+	if err == nil {
+		err = s.checkAdmin(req.AdminToken)
+	}
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	w.Header().Set("Content-Type", "application/octet-stream")
+	w.Header().Set("Content-Disposition", `attachment; filename="broker.db"`)
+	if err := s.db.backup(w); err != nil {
+		// The status line is gone; the client sees a short download and the log says why.
+		s.log.Error("backup failed", "err", err)
+	}
+}

@@ -1,0 +1,24 @@
+module broker
+
+go 1.26.8
+
+require (
+	github.com/beevik/ntp v1.6.0
+	github.com/biscuit-auth/biscuit-go/v2 v2.2.0
+	github.com/pquerna/otp v1.5.0
+	github.com/skip2/go-qrcode v0.0.0-20200617195104-da1b6568686e
+	github.com/trustelem/zxcvbn v1.0.1
+	go.etcd.io/bbolt v1.4.3
+	golang.org/x/crypto v0.59.0
+)
+
+require (
+	github.com/alecthomas/participle/v2 v2.0.0 // indirect
+	github.com/boombuler/barcode v1.0.1-0.20190219062509-6c824513bacc // indirect
+	github.com/dlclark/regexp2 v1.12.0 // indirect
+	github.com/test-go/testify v1.1.4 // indirect
+	golang.org/x/net v0.62.0 // indirect
+	golang.org/x/sys v0.50.0 // indirect
+	golang.org/x/text v0.44.0 // indirect
+	google.golang.org/protobuf v1.31.0 // indirect
+)

@@ -1,0 +1,240 @@
+// Command broker is a real-time Backend-as-a-Service in one binary: accounts (JWT, HTTP
+// Basic, two-factor TOTP, password reset), multi-tenant insert-only events and a
+// Server-Sent Events stream of them, with an admin console at /admin/.
+package main
+
+import (
+	"context"
+	"crypto/ed25519"
+	"crypto/rand"
+	"crypto/sha256"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"strings"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/beevik/ntp"
+)
+
+// version is set at build time with -ldflags "-X main.version=v1.2.3".
+var version = "dev"
+
+// config holds every setting; each comes from a flag whose default may come from the
+// environment variable BROKER_<NAME> (e.g. BROKER_JWT_SECRET), so secrets need not show in ps.
+type config struct {
+	port                              int
+	origin, jwtSecret, adminToken     string
+	jwtExpiry, totpDuration           int64
+	secure, autoCert, passwordChecker bool
+	domain, certs, keyPath, certPath  string
+	acmeDirectory                     string
+	httpPort, httpsPort               int
+	db, ntpServer                     string
+	maxStreams, maxUserStreams        int
+	showVersion                       bool
+}
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if err := run(ctx, os.Args[1:], os.Getenv, os.Stderr); err != nil {
+		fmt.Fprintln(os.Stderr, "broker:", err)
+		os.Exit(1)
+	}
+}
+
+func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (config, error) {
+	var c config
+	fs := flag.NewFlagSet("broker", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.IntVar(&c.port, "port", 8080, "HTTP port when not --secure")
+	fs.StringVar(&c.origin, "origin", "*", "allowed CORS origin")
+	fs.Int64Var(&c.jwtExpiry, "jwt_expiry", 86400, "JWT lifetime, seconds")
+	fs.StringVar(&c.jwtSecret, "jwt_secret", "secret", "HS256 key of the JWTs")
+	fs.StringVar(&c.adminToken, "admin_token", "letmein", "token of the admin endpoints")
+	fs.BoolVar(&c.secure, "secure", false, "serve HTTPS on --https_port, and the ACME challenge and a redirect on --http_port")
+	fs.BoolVar(&c.autoCert, "auto_cert", true, "with --secure: obtain and renew the certificate for --domain by ACME")
+	fs.StringVar(&c.domain, "domain", "", "domain name of the certificate")
+	fs.StringVar(&c.certs, "certs", "certs", "folder where ACME certificates are cached")
+	fs.StringVar(&c.keyPath, "key_path", "certs/private_key.pem", "PEM key of your own certificate (--auto_cert=false)")
+	fs.StringVar(&c.certPath, "cert_path", "certs/chain.pem", "PEM chain of your own certificate (--auto_cert=false)")
+	fs.StringVar(&c.acmeDirectory, "acme_directory", "https://acme-v02.api.letsencrypt.org/directory", "ACME directory URL (e.g. Let's Encrypt staging)")
+	fs.IntVar(&c.httpPort, "http_port", 80, "with --secure: port of the ACME HTTP-01 challenge and the redirect to HTTPS")
+	fs.IntVar(&c.httpsPort, "https_port", 443, "with --secure: HTTPS port")
+	fs.StringVar(&c.db, "db", "db", "folder of the embedded database")
+	fs.BoolVar(&c.passwordChecker, "password_checker", false, "refuse weak passwords (zxcvbn score under 3)")
+	fs.Int64Var(&c.totpDuration, "totp_duration", 300, "lifetime of password-reset codes, seconds")
+	fs.StringVar(&c.ntpServer, "ntp_server", "pool.ntp.org", "NTP server for the clock of JWT expiry and TOTP; empty: the local clock")
+	fs.IntVar(&c.maxStreams, "max_streams", 100000, "most event streams open at once (also bounded by the process's file limit)")
+	fs.IntVar(&c.maxUserStreams, "max_user_streams", 1000, "most event streams open at once per user")
+	fs.BoolVar(&c.showVersion, "version", false, "print the version and exit")
+	var envErr error
+	fs.VisitAll(func(f *flag.Flag) {
+		if v := getenv("BROKER_" + strings.ToUpper(f.Name)); v != "" {
+			if err := f.Value.Set(v); err != nil {
+				envErr = fmt.Errorf("BROKER_%s: %w", strings.ToUpper(f.Name), err)
+			}
+			f.DefValue = "from BROKER_" + strings.ToUpper(f.Name)
+		}
+	})
+	if envErr != nil {
+		return c, envErr
+	}
+	if err := fs.Parse(args); err != nil {
+		return c, err
+	}
+	if c.secure && (c.jwtSecret == "secret" || c.adminToken == "letmein") {
+		return c, errors.New("--secure needs your own --jwt_secret and --admin_token (the defaults are public)")
+	}
+	if c.secure && c.autoCert && c.domain == "" {
+		return c, errors.New("--secure with --auto_cert needs --domain")
+	}
+	if c.jwtExpiry <= 0 || c.totpDuration <= 0 || c.maxStreams <= 0 || c.maxUserStreams <= 0 {
+		return c, errors.New("--jwt_expiry, --totp_duration, --max_streams and --max_user_streams must be positive")
+	}
+	return c, nil
+}
+
+// server is broker: its settings, database, hub and the keys derived from the settings.
+type server struct {
+	cfg       config
+	db        *store
+	hub       *hub
+	log       *slog.Logger
+	now       func() time.Time // the NTP-corrected clock; tests set their own
+	jwtKey    []byte
+	adminHash [32]byte
+	rootKey   ed25519.PrivateKey
+	dummyHash string        // hashed for unknown users so they cost as much as known ones
+	hashSlots chan struct{} // bounds concurrent argon2 hashes (19 MiB each)
+	throttle  *throttle
+}
+
+// newServer opens the database in cfg.db and builds the server around it.
+func newServer(cfg config, log *slog.Logger, now func() time.Time) (*server, error) {
+	db, err := openStore(cfg.db)
+	if err != nil {
+		return nil, err
+	}
+	rootKey, err := db.rootKey()
+	var h *hub
+	if err == nil {
+		h, err = newHub(db, log, cfg.maxStreams, cfg.maxUserStreams)
+	}
+	if err != nil {
+		db.close()
+		return nil, err
+	}
+	s := &server{
+		cfg: cfg, db: db, hub: h, log: log, now: now, jwtKey: []byte(cfg.jwtSecret),
+		adminHash: sha256.Sum256([]byte(cfg.adminToken)), rootKey: rootKey,
+		hashSlots: make(chan struct{}, 4), throttle: newThrottle(100_000),
+	}
+	if s.dummyHash, err = s.hashPassword(context.Background(), rand.Text()); err != nil {
+		s.close(context.Background())
+		return nil, err
+	}
+	return s, nil
+}
+
+// close ends every stream, stops the hub and closes the database.
+func (s *server) close(ctx context.Context) error {
+	s.hub.closeStreams(ctx)
+	s.hub.close()
+	return s.db.close()
+}
+
+func run(ctx context.Context, args []string, getenv func(string) string, stderr io.Writer) error {
+	cfg, err := parseConfig(args, getenv, stderr)
+	if errors.Is(err, flag.ErrHelp) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	if cfg.showVersion {
+		fmt.Fprintln(stderr, "broker", version)
+		return nil
+	}
+	log := slog.New(slog.NewTextHandler(stderr, nil))
+	if cfg.jwtSecret == "secret" || cfg.adminToken == "letmein" {
+		log.Warn("running with the default --jwt_secret or --admin_token: anyone can forge tokens or manage users; set your own before exposing broker")
+	}
+	var offset atomic.Int64 // NTP clock offset, nanoseconds
+	now := func() time.Time { return time.Now().Add(time.Duration(offset.Load())) }
+	if cfg.ntpServer != "" {
+		go syncClock(ctx, cfg.ntpServer, &offset, log)
+	}
+	s, err := newServer(cfg, log, now)
+	if err != nil {
+		return err
+	}
+	srv := &http.Server{
+		Handler:           s.routes(),
+		ReadHeaderTimeout: 10 * time.Second, // slowloris
+		ReadTimeout:       30 * time.Second, // request bodies are at most 1 MiB
+		IdleTimeout:       2 * time.Minute,
+		MaxHeaderBytes:    64 << 10,
+		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
+		// No WriteTimeout: it would cut event streams, which set their own per-write deadlines.
+	}
+	errc := make(chan error, 2)
+	if cfg.secure {
+		err = s.serveTLS(srv, errc)
+	} else {
+		var ln net.Listener
+		if ln, err = net.Listen("tcp", fmt.Sprintf(":%d", cfg.port)); err == nil {
+			log.Info("broker listening", "addr", ln.Addr().String(), "version", version)
+			go func() { errc <- srv.Serve(ln) }()
+		}
+	}
+	if err == nil {
+		select {
+		case <-ctx.Done():
+		case err = <-errc:
+		}
+	}
+	log.Info("shutting down")
+	shutCtx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	s.hub.closeStreams(shutCtx)
+	srv.Shutdown(shutCtx)
+	if cerr := s.close(shutCtx); err == nil {
+		err = cerr
+	}
+	if errors.Is(err, http.ErrServerClosed) {
+		err = nil
+	}
+	return err
+}
+
+// syncClock measures the offset to the NTP server now and every hour. Without an answer
+// the last offset (at first: none, the local clock) stays in use.
+func syncClock(ctx context.Context, server string, offset *atomic.Int64, log *slog.Logger) {
+	for {
+		resp, err := ntp.QueryWithOptions(server, ntp.QueryOptions{Timeout: 5 * time.Second})
+		if err == nil {
+			err = resp.Validate()
+		}
+		if err != nil {
+			log.Warn("ntp unreachable, keeping the current clock", "server", server, "err", err)
+		} else {
+			offset.Store(int64(resp.ClockOffset))
+			log.Info("ntp clock offset", "server", server, "offset", resp.ClockOffset)
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(time.Hour):
+		}
+	}
+}
