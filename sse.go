@@ -348,27 +348,32 @@ func (h *hub) all() []*subscriber {
 	return all
 }
 
-// sweepLoop sends the heartbeat comment to streams silent for 30 s and ends hijacked
-// streams whose client has gone (nothing else reads those sockets).
+// sweepLoop runs sweep every few seconds.
 func (h *hub) sweepLoop() {
 	defer h.loops.Done()
 	t := time.NewTicker(sweepEvery)
 	defer t.Stop()
 	for {
 		select {
-		case <-t.C:
+		case now := <-t.C:
+			h.sweep(now)
 		case <-h.stop:
 			return
 		}
-		for _, s := range h.all() {
-			s.mu.Lock()
-			silent := s.ready && time.Since(s.lastWrite) >= heartbeat
-			s.mu.Unlock()
-			if s.conn != nil && peerClosed(s.conn) {
-				s.end()
-			} else if silent {
-				s.enqueue([]byte(":\n\n"))
-			}
+	}
+}
+
+// sweep sends the heartbeat comment to streams silent for 30 s at now and ends hijacked
+// streams whose client has gone (nothing else reads those sockets).
+func (h *hub) sweep(now time.Time) {
+	for _, s := range h.all() {
+		s.mu.Lock()
+		silent := s.ready && now.Sub(s.lastWrite) >= heartbeat
+		s.mu.Unlock()
+		if s.conn != nil && peerClosed(s.conn) {
+			s.end()
+		} else if silent {
+			s.enqueue([]byte(":\n\n"))
 		}
 	}
 }
