@@ -25,22 +25,17 @@ import (
 	"github.com/beevik/ntp"
 )
 
-// version is set at build time with -ldflags "-X main.version=v1.2.3".
+// version is set at build time: go build -ldflags "-X main.version=v1.2.3".
 var version = "dev"
 
-// config holds every setting; each comes from a flag whose default may come from the
+// config holds every setting. Each comes from a flag whose default may come from the
 // environment variable BROKER_<NAME> (e.g. BROKER_JWT_SECRET), so secrets need not show in ps.
 type config struct {
-	port                              int
-	origin, jwtSecret, adminToken     string
-	jwtExpiry, totpDuration           int64
-	secure, autoCert, passwordChecker bool
-	domain, certs, keyPath, certPath  string
-	acmeDirectory                     string
-	httpPort, httpsPort               int
-	db, ntpServer                     string
-	maxStreams, maxUserStreams        int
-	showVersion                       bool
+	port, httpPort, httpsPort, maxStreams, maxUserStreams int
+	jwtExpiry, totpDuration                               int64
+	origin, jwtSecret, adminToken, domain, certs          string
+	keyPath, certPath, acmeDirectory, db, ntpServer       string
+	secure, autoCert, passwordChecker, showVersion        bool
 }
 
 func main() {
@@ -62,49 +57,48 @@ func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (c
 	fs.StringVar(&c.jwtSecret, "jwt_secret", "secret", "HS256 key of the JWTs")
 	fs.StringVar(&c.adminToken, "admin_token", "letmein", "token of the admin endpoints")
 	fs.BoolVar(&c.secure, "secure", false, "serve HTTPS on --https_port, and the ACME challenge and a redirect on --http_port")
-	fs.BoolVar(&c.autoCert, "auto_cert", true, "with --secure: obtain and renew the certificate for --domain by ACME")
+	fs.BoolVar(&c.autoCert, "auto_cert", true, "with --secure: obtain and renew the certificate of --domain by ACME")
 	fs.StringVar(&c.domain, "domain", "", "domain name of the certificate")
 	fs.StringVar(&c.certs, "certs", "certs", "folder where ACME certificates are cached")
 	fs.StringVar(&c.keyPath, "key_path", "certs/private_key.pem", "PEM key of your own certificate (--auto_cert=false)")
 	fs.StringVar(&c.certPath, "cert_path", "certs/chain.pem", "PEM chain of your own certificate (--auto_cert=false)")
-	fs.StringVar(&c.acmeDirectory, "acme_directory", "https://acme-v02.api.letsencrypt.org/directory", "ACME directory URL (e.g. Let's Encrypt staging)")
-	fs.IntVar(&c.httpPort, "http_port", 80, "with --secure: port of the ACME HTTP-01 challenge and the redirect to HTTPS")
+	fs.StringVar(&c.acmeDirectory, "acme_directory", "https://acme-v02.api.letsencrypt.org/directory", "ACME directory URL, e.g. Let's Encrypt staging")
+	fs.IntVar(&c.httpPort, "http_port", 80, "with --secure: port of the ACME HTTP-01 challenge and of the redirect to HTTPS")
 	fs.IntVar(&c.httpsPort, "https_port", 443, "with --secure: HTTPS port")
 	fs.StringVar(&c.db, "db", "db", "folder of the embedded database")
 	fs.BoolVar(&c.passwordChecker, "password_checker", false, "refuse weak passwords (zxcvbn score under 3)")
 	fs.Int64Var(&c.totpDuration, "totp_duration", 300, "lifetime of password-reset codes, seconds")
-	fs.StringVar(&c.ntpServer, "ntp_server", "pool.ntp.org", "NTP server for the clock of JWT expiry and TOTP; empty: the local clock")
-	fs.IntVar(&c.maxStreams, "max_streams", 100000, "most event streams open at once (also bounded by the process's file limit)")
+	fs.StringVar(&c.ntpServer, "ntp_server", "pool.ntp.org", "NTP server of the clock for JWT expiry and TOTP; empty: the local clock")
+	fs.IntVar(&c.maxStreams, "max_streams", 100000, "most event streams open at once (the file limit, ulimit -n, bounds it too)")
 	fs.IntVar(&c.maxUserStreams, "max_user_streams", 1000, "most event streams open at once per user")
 	fs.BoolVar(&c.showVersion, "version", false, "print the version and exit")
-	var envErr error
+	var err error
 	fs.VisitAll(func(f *flag.Flag) {
-		if v := getenv("BROKER_" + strings.ToUpper(f.Name)); v != "" {
-			if err := f.Value.Set(v); err != nil {
-				envErr = fmt.Errorf("BROKER_%s: %w", strings.ToUpper(f.Name), err)
+		env := "BROKER_" + strings.ToUpper(f.Name)
+		if v := getenv(env); v != "" && err == nil {
+			if err = f.Value.Set(v); err != nil {
+				err = fmt.Errorf("%s: %w", env, err)
 			}
-			f.DefValue = "from BROKER_" + strings.ToUpper(f.Name)
+			f.DefValue = v
 		}
 	})
-	if envErr != nil {
-		return c, envErr
+	if err == nil {
+		err = fs.Parse(args)
 	}
-	if err := fs.Parse(args); err != nil {
+	switch {
+	case err != nil:
 		return c, err
-	}
-	if c.secure && (c.jwtSecret == "secret" || c.adminToken == "letmein") {
-		return c, errors.New("--secure needs your own --jwt_secret and --admin_token (the defaults are public)")
-	}
-	if c.secure && c.autoCert && c.domain == "" {
+	case c.secure && (c.jwtSecret == "secret" || c.adminToken == "letmein"):
+		return c, errors.New("--secure needs your own --jwt_secret and --admin_token: the defaults are public")
+	case c.secure && c.autoCert && c.domain == "":
 		return c, errors.New("--secure with --auto_cert needs --domain")
-	}
-	if c.jwtExpiry <= 0 || c.totpDuration <= 0 || c.maxStreams <= 0 || c.maxUserStreams <= 0 {
+	case c.jwtExpiry <= 0 || c.totpDuration <= 0 || c.maxStreams <= 0 || c.maxUserStreams <= 0:
 		return c, errors.New("--jwt_expiry, --totp_duration, --max_streams and --max_user_streams must be positive")
 	}
 	return c, nil
 }
 
-// server is broker: its settings, database, hub and the keys derived from the settings.
+// server is broker: its settings, database, hub and what is derived from the settings.
 type server struct {
 	cfg       config
 	db        *store
@@ -114,7 +108,7 @@ type server struct {
 	jwtKey    []byte
 	adminHash [32]byte
 	rootKey   ed25519.PrivateKey
-	dummyHash string        // hashed for unknown users so they cost as much as known ones
+	dummyHash string        // hashed for unknown users, so they cost as much as known ones
 	hashSlots chan struct{} // bounds concurrent argon2 hashes (19 MiB each)
 	throttle  *throttle
 }
@@ -125,21 +119,19 @@ func newServer(cfg config, log *slog.Logger, now func() time.Time) (*server, err
 	if err != nil {
 		return nil, err
 	}
-	rootKey, err := db.rootKey()
-	var h *hub
+	s := &server{
+		cfg: cfg, db: db, log: log, now: now, jwtKey: []byte(cfg.jwtSecret),
+		adminHash: sha256.Sum256([]byte(cfg.adminToken)), hashSlots: make(chan struct{}, 4),
+		throttle: &throttle{max: 100_000, strikes: map[string]*strike{}},
+	}
+	s.hub, err = newHub(db, log, cfg.maxStreams, cfg.maxUserStreams)
 	if err == nil {
-		h, err = newHub(db, log, cfg.maxStreams, cfg.maxUserStreams)
+		s.rootKey, err = db.rootKey()
+	}
+	if err == nil {
+		s.dummyHash, err = s.hashPassword(context.Background(), rand.Text())
 	}
 	if err != nil {
-		db.close()
-		return nil, err
-	}
-	s := &server{
-		cfg: cfg, db: db, hub: h, log: log, now: now, jwtKey: []byte(cfg.jwtSecret),
-		adminHash: sha256.Sum256([]byte(cfg.adminToken)), rootKey: rootKey,
-		hashSlots: make(chan struct{}, 4), throttle: newThrottle(100_000),
-	}
-	if s.dummyHash, err = s.hashPassword(context.Background(), rand.Text()); err != nil {
 		s.close(context.Background())
 		return nil, err
 	}
@@ -157,11 +149,9 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 	cfg, err := parseConfig(args, getenv, stderr)
 	if errors.Is(err, flag.ErrHelp) {
 		return nil
-	}
-	if err != nil {
+	} else if err != nil {
 		return err
-	}
-	if cfg.showVersion {
+	} else if cfg.showVersion {
 		fmt.Fprintln(stderr, "broker", version)
 		return nil
 	}
@@ -169,12 +159,11 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 	if cfg.jwtSecret == "secret" || cfg.adminToken == "letmein" {
 		log.Warn("running with the default --jwt_secret or --admin_token: anyone can forge tokens or manage users; set your own before exposing broker")
 	}
-	var offset atomic.Int64 // NTP clock offset, nanoseconds
-	now := func() time.Time { return time.Now().Add(time.Duration(offset.Load())) }
+	var offset atomic.Int64 // of the NTP clock, nanoseconds
 	if cfg.ntpServer != "" {
 		go syncClock(ctx, cfg.ntpServer, &offset, log)
 	}
-	s, err := newServer(cfg, log, now)
+	s, err := newServer(cfg, log, func() time.Time { return time.Now().Add(time.Duration(offset.Load())) })
 	if err != nil {
 		return err
 	}
@@ -185,17 +174,16 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 		IdleTimeout:       2 * time.Minute,
 		MaxHeaderBytes:    64 << 10,
 		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
-		// No WriteTimeout: it would cut event streams, which set their own per-write deadlines.
+		// No WriteTimeout: it would cut event streams, which set a deadline per write.
 	}
 	errc := make(chan error, 2)
 	if cfg.secure {
 		err = s.serveTLS(srv, errc)
+	} else if ln, lerr := net.Listen("tcp", fmt.Sprintf(":%d", cfg.port)); lerr == nil {
+		log.Info("broker listening", "addr", ln.Addr().String(), "version", version)
+		go func() { errc <- srv.Serve(ln) }()
 	} else {
-		var ln net.Listener
-		if ln, err = net.Listen("tcp", fmt.Sprintf(":%d", cfg.port)); err == nil {
-			log.Info("broker listening", "addr", ln.Addr().String(), "version", version)
-			go func() { errc <- srv.Serve(ln) }()
-		}
+		err = lerr
 	}
 	if err == nil {
 		select {
@@ -204,21 +192,15 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 		}
 	}
 	log.Info("shutting down")
-	shutCtx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	s.hub.closeStreams(shutCtx)
-	srv.Shutdown(shutCtx)
-	if cerr := s.close(shutCtx); err == nil {
-		err = cerr
-	}
-	if errors.Is(err, http.ErrServerClosed) {
-		err = nil
-	}
-	return err
+	s.hub.closeStreams(ctx)
+	srv.Shutdown(ctx)
+	return errors.Join(err, s.close(ctx))
 }
 
 // syncClock measures the offset to the NTP server now and every hour. Without an answer
-// the last offset (at first: none, the local clock) stays in use.
+// the last offset stays in use (at first none: the local clock).
 func syncClock(ctx context.Context, server string, offset *atomic.Int64, log *slog.Logger) {
 	for {
 		resp, err := ntp.QueryWithOptions(server, ntp.QueryOptions{Timeout: 5 * time.Second})

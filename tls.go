@@ -15,107 +15,86 @@ import (
 	"golang.org/x/crypto/acme/autocert"
 )
 
-// certFiles serves the certificate in --cert_path/--key_path and reloads it when the files
-// change (checked at most once a minute), so a renewed certificate needs no restart.
+// certFiles serves the certificate in --cert_path and --key_path, and reloads it when the
+// files change (looked at once a minute at most), so a renewed certificate needs no restart.
 type certFiles struct {
 	certPath, keyPath string
-	now               func() time.Time
-
-	mu      sync.Mutex // guards the fields below
-	cert    *tls.Certificate
-	modTime time.Time // of the newer of the two files when cert was loaded
-	checked time.Time
+	mu                sync.Mutex // guards the fields below
+	cert              *tls.Certificate
+	loaded, checked   time.Time // modification time of the files loaded; last look
 }
 
-// loadCertFiles loads the pair and fails at once when it is missing, unreadable,
-// mismatched or outside its validity period.
-func loadCertFiles(certPath, keyPath string, now func() time.Time) (*certFiles, error) {
-	cf := &certFiles{certPath: certPath, keyPath: keyPath, now: now}
-	if err := cf.load(); err != nil {
-		return nil, err
-	}
-	return cf, nil
-}
-
-func (cf *certFiles) load() error {
-	mod := time.Time{}
-	for _, p := range []string{cf.certPath, cf.keyPath} {
-		fi, err := os.Stat(p)
-		if err != nil {
-			return fmt.Errorf("tls: certificate: %w", err)
-		}
-		if fi.ModTime().After(mod) {
-			mod = fi.ModTime()
-		}
-	}
+// load reads the pair, failing when it is missing, unreadable, mismatched or not valid now.
+func (cf *certFiles) load(now time.Time) (*tls.Certificate, error) {
 	cert, err := tls.LoadX509KeyPair(cf.certPath, cf.keyPath)
 	if err != nil {
-		return fmt.Errorf("tls: certificate %s with key %s: %w", cf.certPath, cf.keyPath, err)
+		return nil, fmt.Errorf("tls: certificate %s with key %s: %w", cf.certPath, cf.keyPath, err)
 	}
-	leaf, err := x509.ParseCertificate(cert.Certificate[0])
+	if cert.Leaf, err = x509.ParseCertificate(cert.Certificate[0]); err == nil && (now.After(cert.Leaf.NotAfter) || now.Before(cert.Leaf.NotBefore)) {
+		err = fmt.Errorf("valid only from %s to %s", cert.Leaf.NotBefore.Format(time.RFC3339), cert.Leaf.NotAfter.Format(time.RFC3339))
+	}
 	if err != nil {
-		return fmt.Errorf("tls: certificate %s: %w", cf.certPath, err)
+		return nil, fmt.Errorf("tls: certificate %s: %w", cf.certPath, err)
 	}
-	if now := cf.now(); now.After(leaf.NotAfter) || now.Before(leaf.NotBefore) {
-		return fmt.Errorf("tls: certificate %s is valid only from %s to %s", cf.certPath, leaf.NotBefore.Format(time.RFC3339), leaf.NotAfter.Format(time.RFC3339))
-	}
-	cert.Leaf = leaf
-	cf.mu.Lock()
-	cf.cert, cf.modTime = &cert, mod
-	cf.mu.Unlock()
-	return nil
+	return &cert, nil
 }
 
-// getCertificate is tls.Config.GetCertificate. A renewed pair that fails to load is
-// logged by the caller's next start; the certificate in use stays.
-func (cf *certFiles) getCertificate(*tls.ClientHelloInfo) (*tls.Certificate, error) {
-	cf.mu.Lock()
-	stale := cf.now().Sub(cf.checked) > time.Minute
-	if stale {
-		cf.checked = cf.now()
-	}
-	cert, mod := cf.cert, cf.modTime
-	cf.mu.Unlock()
-	if stale {
-		fc, err1 := os.Stat(cf.certPath)
-		fk, err2 := os.Stat(cf.keyPath)
-		if err1 == nil && err2 == nil && (fc.ModTime().After(mod) || fk.ModTime().After(mod)) && cf.load() == nil {
-			cf.mu.Lock()
-			cert = cf.cert
-			cf.mu.Unlock()
+// modTime is the later modification time of the two files.
+func (cf *certFiles) modTime() time.Time {
+	var t time.Time
+	for _, p := range []string{cf.certPath, cf.keyPath} {
+		if fi, err := os.Stat(p); err == nil && fi.ModTime().After(t) {
+			t = fi.ModTime()
 		}
 	}
-	return cert, nil
+	return t
 }
 
-// serveTLS serves srv over HTTPS on --https_port (HTTP/2 and HTTP/1.1, TLS 1.2 or later)
+// getCertificate is tls.Config.GetCertificate. A renewed pair that does not load keeps the
+// certificate in use.
+func (cf *certFiles) getCertificate(*tls.ClientHelloInfo) (*tls.Certificate, error) {
+	cf.mu.Lock()
+	defer cf.mu.Unlock()
+	if now := time.Now(); now.Sub(cf.checked) > time.Minute {
+		cf.checked = now
+		if mod := cf.modTime(); mod.After(cf.loaded) {
+			if cert, err := cf.load(now); err == nil {
+				cf.cert, cf.loaded = cert, mod
+			}
+		}
+	}
+	return cf.cert, nil
+}
+
+// serveTLS serves srv over HTTPS on --https_port (HTTP/2 or HTTP/1.1, TLS 1.2 at least)
 // and, on --http_port, the ACME HTTP-01 challenge and a redirect of everything else.
 func (s *server) serveTLS(srv *http.Server, errc chan<- error) error {
-	redirect := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		host := s.cfg.domain
-		if host == "" {
-			host, _, _ = net.SplitHostPort(r.Host)
+	var plain http.Handler = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		host, _, err := net.SplitHostPort(r.Host)
+		if err != nil {
+			host = r.Host
 		}
 		if s.cfg.httpsPort != 443 {
 			host = net.JoinHostPort(host, strconv.Itoa(s.cfg.httpsPort))
 		}
 		http.Redirect(w, r, "https://"+host+r.URL.RequestURI(), http.StatusMovedPermanently)
 	})
-	var plain http.Handler = redirect
 	if s.cfg.autoCert {
 		m := &autocert.Manager{
 			Prompt:     autocert.AcceptTOS,
-			Cache:      autocert.DirCache(s.cfg.certs),
+			Cache:      autocert.DirCache(s.cfg.certs),       // restarts reuse the certificate
 			HostPolicy: autocert.HostWhitelist(s.cfg.domain), // never ask the CA for other names
 			Client:     &acme.Client{DirectoryURL: s.cfg.acmeDirectory},
 		}
-		srv.TLSConfig = m.TLSConfig()
-		plain = m.HTTPHandler(redirect)
+		srv.TLSConfig, plain = m.TLSConfig(), m.HTTPHandler(plain)
 	} else {
-		cf, err := loadCertFiles(s.cfg.certPath, s.cfg.keyPath, time.Now)
+		cf := &certFiles{certPath: s.cfg.certPath, keyPath: s.cfg.keyPath, checked: time.Now()}
+		cf.loaded = cf.modTime()
+		cert, err := cf.load(time.Now())
 		if err != nil {
 			return err
 		}
+		cf.cert = cert
 		srv.TLSConfig = &tls.Config{GetCertificate: cf.getCertificate, NextProtos: []string{"h2", "http/1.1"}}
 	}
 	srv.TLSConfig.MinVersion = tls.VersionTLS12

@@ -28,7 +28,7 @@ type claims struct {
 
 // jwtHeader is base64url of {"alg":"HS256","typ":"JWT"}. The verifier compares the header
 // segment with it byte for byte, which refuses alg:none, algorithm confusion, kid/jku/crit
-// tricks and duplicate header keys without ever parsing attacker-controlled JSON.
+// tricks and duplicate header keys without parsing attacker-controlled JSON.
 const jwtHeader = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9"
 
 var b64 = base64.RawURLEncoding.Strict()
@@ -41,38 +41,35 @@ func hs256(signingInput string, key []byte) []byte {
 
 // signJWT returns the HS256 JWT of c.
 func signJWT(c claims, key []byte) string {
-	payload, _ := json.Marshal(c) // claims has no type that can fail to marshal
+	payload, _ := json.Marshal(c) // claims holds nothing that fails to marshal
 	input := jwtHeader + "." + b64.EncodeToString(payload)
 	return input + "." + b64.EncodeToString(hs256(input, key))
 }
 
+var errBadToken = fmt.Errorf("%w: invalid or expired token", errUnauthorized)
+
 // verifyJWT checks token's form, header, signature and expiry at now, and returns its claims.
 // The payload is decoded only after the MAC is good, and it must be exactly what signJWT
-// writes (re-encoding must give the same bytes), so duplicate or case-variant keys are refused.
+// writes (re-encoding gives the same bytes), so duplicate or case-variant keys are refused.
 func verifyJWT(token string, key []byte, now time.Time) (claims, error) {
 	var c claims
-	bad := fmt.Errorf("%w: invalid token", errUnauthorized)
+	// The alphabet is checked here because base64 decoders skip CR and LF.
 	if len(token) > 4096 || strings.Trim(token, "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.") != "" {
-		return c, bad // base64 decoders skip CR/LF, so the alphabet is checked here
+		return c, errBadToken
 	}
 	header, rest, _ := strings.Cut(token, ".")
 	payload, sig, ok := strings.Cut(rest, ".")
-	if !ok || header != jwtHeader || strings.Contains(sig, ".") {
-		return c, bad
-	}
 	mac, err := b64.DecodeString(sig)
-	if err != nil || len(mac) != sha256.Size || !hmac.Equal(mac, hs256(header+"."+payload, key)) {
-		return c, bad
+	if !ok || header != jwtHeader || err != nil || len(mac) != sha256.Size || !hmac.Equal(mac, hs256(header+"."+payload, key)) {
+		return c, errBadToken
 	}
 	raw, err := b64.DecodeString(payload)
 	if err != nil || json.Unmarshal(raw, &c) != nil {
-		return claims{}, bad
+		return claims{}, errBadToken
 	}
-	if canon, _ := json.Marshal(c); !bytes.Equal(canon, raw) || c.Iss != "Broker" || c.Sub == "" {
-		return claims{}, bad
-	}
-	if now.Unix() >= c.Exp || c.Iat > now.Unix()+60 {
-		return claims{}, fmt.Errorf("%w: token expired", errUnauthorized)
+	canon, _ := json.Marshal(c)
+	if !bytes.Equal(canon, raw) || c.Iss != "Broker" || now.Unix() >= c.Exp || c.Iat > now.Unix()+60 {
+		return claims{}, errBadToken
 	}
 	return c, nil
 }
@@ -80,82 +77,74 @@ func verifyJWT(token string, key []byte, now time.Time) (claims, error) {
 // parseBasic reads an "Authorization: Basic" value. Only the first colon splits, so a
 // password may contain colons (RFC 7617); control characters and an empty user are refused.
 func parseBasic(h string) (username, password string, ok bool) {
-	const prefix = "basic "
-	if len(h) < len(prefix) || !strings.EqualFold(h[:len(prefix)], prefix) {
+	if len(h) < 6 || !strings.EqualFold(h[:6], "basic ") || strings.ContainsAny(h, "\r\n") {
 		return "", "", false
 	}
-	enc := h[len(prefix):]
-	if strings.ContainsAny(enc, "\r\n") {
-		return "", "", false
-	}
-	raw, err := base64.StdEncoding.Strict().DecodeString(enc)
-	if err != nil {
-		return "", "", false
-	}
+	raw, err := base64.StdEncoding.Strict().DecodeString(h[6:])
 	username, password, ok = strings.Cut(string(raw), ":")
-	if !ok || username == "" || strings.IndexFunc(string(raw), unicode.IsControl) >= 0 {
+	if err != nil || !ok || username == "" || strings.ContainsFunc(string(raw), unicode.IsControl) {
 		return "", "", false
 	}
 	return username, password, true
 }
 
-// authenticate returns the current user behind the request's Authorization header. Every
-// request re-reads the user, so revocation, deletion and password changes apply at once.
-func (s *server) authenticate(r *http.Request) (*user, error) {
+// authenticate returns the current user behind the request's Authorization header, and
+// the expiry of its credentials. The user is read on every request, so revocation,
+// deletion and a new password apply at once.
+func (s *server) authenticate(r *http.Request) (*user, int64, error) {
 	h := r.Header.Get("Authorization")
 	if len(h) > 7 && strings.EqualFold(h[:7], "bearer ") {
 		c, err := verifyJWT(h[7:], s.jwtKey, s.now())
 		if err != nil {
-			return nil, err
+			return nil, 0, err
 		}
 		u, err := s.db.getUser(c.Sub)
 		if err != nil || u.Revoked || c.Iat < u.NotBefore {
-			return nil, fmt.Errorf("%w: invalid token", errUnauthorized)
+			return nil, 0, errBadToken
 		}
-		return u, nil
+		return u, c.Exp, nil
 	}
 	name, password, ok := parseBasic(h)
 	if !ok {
-		return nil, fmt.Errorf("%w: missing or malformed credentials", errUnauthorized)
+		return nil, 0, fmt.Errorf("%w: missing or malformed credentials", errUnauthorized)
 	}
-	// Basic carries no one-time code: login refuses two-factor users (after the password
-	// check, so the answer does not reveal who has two-factor on).
-	return s.login(r, name, password, nil)
+	u, err := s.login(r, name, password, nil)
+	return u, s.now().Unix() + s.cfg.jwtExpiry, err
 }
 
-// issueJWT returns a JWT for u. iat is never earlier than the second after u's last
-// password change, so tokens issued before a change are refused and tokens after it are not.
-func (s *server) issueJWT(u *user) (string, claims) {
+// issueJWT returns a JWT for u. iat is never before u.NotBefore, so tokens issued before
+// a password change or revocation are refused and tokens issued after are not.
+func (s *server) issueJWT(u *user) string {
 	iat := max(s.now().Unix(), u.NotBefore)
 	c := claims{Iss: "Broker", Sub: u.Username, Tenant: u.Tenant, Scopes: u.Scopes, Iat: iat, Exp: iat + s.cfg.jwtExpiry}
-	return signJWT(c, s.jwtKey), c
+	return signJWT(c, s.jwtKey)
 }
 
 // mintBiscuit returns a biscuit signed by root whose authority block states who u is,
-// one right per scope, and a check that it expires with the JWT.
+// one right per scope, and a check that it expires at exp.
 func mintBiscuit(root ed25519.PrivateKey, u *user, exp time.Time) ([]byte, error) {
-	b := biscuit.NewBuilder(root)
-	facts := []biscuit.Fact{
-		{Predicate: biscuit.Predicate{Name: "user", IDs: []biscuit.Term{biscuit.String(u.Username)}}},
-		{Predicate: biscuit.Predicate{Name: "tenant", IDs: []biscuit.Term{biscuit.String(u.Tenant)}}},
+	fact := func(name string, ids ...string) biscuit.Fact {
+		terms := make([]biscuit.Term, len(ids))
+		for i, id := range ids {
+			terms[i] = biscuit.String(id)
+		}
+		return biscuit.Fact{Predicate: biscuit.Predicate{Name: name, IDs: terms}}
 	}
+	facts := []biscuit.Fact{fact("user", u.Username), fact("tenant", u.Tenant)}
 	for _, sc := range u.Scopes {
 		res, op, _ := strings.Cut(sc, ":")
-		facts = append(facts, biscuit.Fact{Predicate: biscuit.Predicate{Name: "right", IDs: []biscuit.Term{biscuit.String(res), biscuit.String(op)}}})
+		facts = append(facts, fact("right", res, op))
 	}
+	b := biscuit.NewBuilder(root)
 	for _, f := range facts {
 		if err := b.AddAuthorityFact(f); err != nil {
 			return nil, err
 		}
 	}
 	err := b.AddAuthorityCheck(biscuit.Check{Queries: []biscuit.Rule{{
-		Head: biscuit.Predicate{Name: "query"},
-		Body: []biscuit.Predicate{{Name: "time", IDs: []biscuit.Term{biscuit.Variable("time")}}},
-		Expressions: []biscuit.Expression{{
-			biscuit.Value{Term: biscuit.Variable("time")},
-			biscuit.Value{Term: biscuit.Date(exp)},
-			biscuit.BinaryLessOrEqual,
-		}},
+		Head:        biscuit.Predicate{Name: "valid"},
+		Body:        []biscuit.Predicate{{Name: "time", IDs: []biscuit.Term{biscuit.Variable("t")}}},
+		Expressions: []biscuit.Expression{{biscuit.Value{Term: biscuit.Variable("t")}, biscuit.Value{Term: biscuit.Date(exp)}, biscuit.BinaryLessOrEqual}},
 	}}})
 	if err != nil {
 		return nil, err
