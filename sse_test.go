@@ -286,7 +286,10 @@ func TestStreamEndsOnRevokeMoveAndShutdown(t *testing.T) {
 func TestStreamHeartbeat(t *testing.T) {
 	b := newTestBroker(t)
 	b.createUser("alice", "A")
-	s := b.stream(bearer(b.login("alice"))...)
+	jwt := b.login("alice")
+	s := b.stream(bearer(jwt)...)
+	b.insert(jwt, "live", 1)
+	s.next() // the stream is live
 	b.s.hub.sweep(time.Now().Add(heartbeat - time.Second)) // not silent long enough
 	b.s.hub.sweep(time.Now().Add(heartbeat + time.Second))
 	select {
