@@ -22,17 +22,20 @@ import (
 // One committer goroutine takes every insert waiting at that moment and commits them in
 // one transaction (group commit: one pair of fsyncs however many inserts), then publishes
 // them in ID order. Publishing never waits for a client: it appends the frame, encoded
-// once, to each subscriber's bounded buffer, and starts a goroutine that writes the buffer
-// unless one is running. HTTP/1.1 streams are hijacked, so an idle stream holds no
-// goroutine and no net/http buffers, only its socket and a subscriber; a sweep every few
-// seconds sends heartbeats and finds clients that have gone.
+// once, to each subscriber's bounded buffer, and queues the subscriber for a few writer
+// goroutines. While they work through the queue, later events join the buffers of the
+// subscribers still waiting, so under load each write carries several events: the write
+// system call is most of the cost of a delivery. HTTP/1.1 streams are hijacked, so an idle
+// stream holds no goroutine and no net/http buffers, only its socket and a subscriber; a
+// sweep every few seconds sends heartbeats and finds clients that have gone.
 type hub struct {
 	db                         *store
 	log                        *slog.Logger
 	maxStreams, maxUserStreams int
 	inserts                    chan *commitReq
+	work                       chan *subscriber // subscribers with something to write, each once
 	stop                       chan struct{}
-	loops, streams             sync.WaitGroup // the committer and the sweep; open streams
+	loops, streams             sync.WaitGroup // the hub's goroutines; open streams
 
 	mu      sync.Mutex                      // guards the fields below
 	subs    map[string]map[*subscriber]bool // by tenant
@@ -43,8 +46,9 @@ type hub struct {
 
 const (
 	maxPending   = 256 << 10        // bytes a subscriber may fall behind before it is dropped
-	writeTimeout = 5 * time.Second  // a write that takes longer ends the stream
+	writeTimeout = 2 * time.Second  // a write that takes longer ends the stream
 	heartbeat    = 30 * time.Second // silence after which a comment line is sent
+	writers      = 4                // goroutines writing to streams
 )
 
 type commitReq struct {
@@ -56,12 +60,15 @@ func newHub(db *store, log *slog.Logger, maxStreams, maxUserStreams int) (*hub, 
 	seqs, err := db.sequences()
 	h := &hub{
 		db: db, log: log, maxStreams: maxStreams, maxUserStreams: maxUserStreams,
-		inserts: make(chan *commitReq), stop: make(chan struct{}),
+		inserts: make(chan *commitReq), work: make(chan *subscriber, maxStreams), stop: make(chan struct{}),
 		subs: map[string]map[*subscriber]bool{}, perUser: map[string]int{}, lastID: seqs,
 	}
-	h.loops.Add(2)
+	h.loops.Add(writers + 2)
 	go h.commitLoop()
 	go h.sweepLoop()
+	for range writers {
+		go h.writeLoop()
+	}
 	return h, err
 }
 
@@ -168,7 +175,7 @@ type subscriber struct {
 	mu        sync.Mutex // guards the fields below
 	pending   []byte     // frames not yet written
 	ready     bool       // the backlog is written: live frames may follow
-	writing   bool       // a goroutine runs flush
+	queued    bool       // on h.work or being written
 	ending    bool       // end the stream once pending is written
 	lastWrite time.Time
 }
@@ -212,11 +219,11 @@ func (s *subscriber) enqueue(frame []byte) {
 	s.schedule()
 }
 
-// schedule starts flush unless it runs already; s.mu must be held.
+// schedule queues s for a writer unless it is queued; s.mu must be held.
 func (s *subscriber) schedule() {
-	if s.ready && !s.writing {
-		s.writing = true
-		go s.flush()
+	if s.ready && !s.queued {
+		s.queued = true
+		s.h.work <- s // never blocks: work has room for every stream
 	}
 }
 
@@ -228,20 +235,32 @@ func (s *subscriber) end() {
 	s.schedule()
 }
 
-// flush writes what is pending until nothing is, in one write each time, so a subscriber
-// that has fallen behind gets several events per write.
-func (s *subscriber) flush() {
+func (h *hub) writeLoop() {
+	defer h.loops.Done()
 	for {
-		s.mu.Lock()
-		buf, ending := s.pending, s.ending
-		s.pending, s.lastWrite, s.writing = nil, time.Now(), len(buf) > 0 || ending
-		s.mu.Unlock()
-		if err := s.write(buf); err != nil || ending {
-			s.finish()
-			return
-		} else if buf == nil {
+		select {
+		case s := <-h.work:
+			s.flush()
+		case <-h.stop:
 			return
 		}
+	}
+}
+
+// flush writes everything pending in one write; what arrives meanwhile queues s again.
+func (s *subscriber) flush() {
+	s.mu.Lock()
+	buf, ending := s.pending, s.ending
+	s.pending, s.lastWrite = nil, time.Now()
+	s.mu.Unlock()
+	if err := s.write(buf); err != nil || ending {
+		s.finish()
+		return
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.queued = false; len(s.pending) > 0 || s.ending {
+		s.schedule()
 	}
 }
 
