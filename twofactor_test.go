@@ -109,7 +109,7 @@ func TestPasswordReset(t *testing.T) {
 	b.must(200, "POST", "/login", obj{"username": "rosa", "password": strong}) // nothing changed
 	b.must(200, "POST", "/password_reset", obj{"username": "rosa", "totp": code, "password": newer})
 	b.must(401, "POST", "/password_reset", obj{"username": "rosa", "totp": code, "password": strong}) // used
-	b.must(401, "GET", "/verify", nil, bearer(old)...)                                                 // issued before the reset
+	b.must(401, "GET", "/verify", nil, bearer(old)...)                                                // issued before the reset
 	b.must(401, "POST", "/login", obj{"username": "rosa", "password": strong})
 	b.must(200, "POST", "/login", obj{"username": "rosa", "password": newer})
 	// An expired code is refused.
