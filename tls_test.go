@@ -60,7 +60,9 @@ func startRun(t *testing.T, args ...string) (<-chan error, context.CancelFunc) {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
-	go func() { done <- run(ctx, append([]string{"--ntp_server=", "--db", t.TempDir()}, args...), func(string) string { return "" }, io.Discard) }()
+	go func() {
+		done <- run(ctx, append([]string{"--ntp_server=", "--db", t.TempDir()}, args...), func(string) string { return "" }, io.Discard)
+	}()
 	t.Cleanup(func() {
 		cancel()
 		select {
