@@ -4,10 +4,12 @@ import (
 	"crypto/ed25519"
 	"crypto/sha256"
 	"crypto/subtle"
+	"embed"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"net/http"
 	"regexp"
 	"strings"
@@ -40,6 +42,7 @@ func (s *server) routes() http.Handler {
 	mux.HandleFunc("GET /verify", s.handleVerify)
 	mux.HandleFunc("GET /sse", s.handleSSE)
 	mux.HandleFunc("POST /backup", s.handleBackup)
+	mux.Handle("GET /admin/", console())
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) { s.fail(w, r, errNotFound) })
 	return s.cors(mux)
 }
@@ -266,13 +269,14 @@ func (s *server) createQR(r *http.Request, req *qrReq) (any, error) {
 	return map[string][]byte{"qr": png}, err
 }
 
+// createTOTP answers the reset code and, beside the contract's field, its expiry (unix).
 func (s *server) createTOTP(r *http.Request, req *userReq) (any, error) {
-	code := newResetCode()
+	code, expiry := newResetCode(), s.now().Unix()+s.cfg.totpDuration
 	_, err := s.db.updateUser(req.Username, false, func(u *user) error {
-		u.ResetCode, u.ResetExpiry = hashCode(code), s.now().Unix()+s.cfg.totpDuration
+		u.ResetCode, u.ResetExpiry = hashCode(code), expiry
 		return nil
 	})
-	return map[string]string{"totp": code}, err
+	return map[string]any{"totp": code, "expiry": expiry}, err
 }
 
 var errBadCode = fmt.Errorf("%w: invalid or expired code", errUnauthorized)
@@ -354,6 +358,24 @@ func (s *server) insert(r *http.Request, req *insertReq) (any, error) {
 	}
 	id, err := s.hub.insert(&event{Tenant: u.Tenant, Name: req.Event, Data: data})
 	return map[string]uint64{"id": id}, err
+}
+
+// webFiles is the admin console: static files calling the same JSON API.
+//
+//go:embed web/index.html web/app.js web/style.css
+var webFiles embed.FS
+
+// console serves the admin console under a strict Content-Security-Policy: scripts and
+// styles only from its own files, images also as data: URLs (the QR code).
+func console() http.Handler {
+	web, _ := fs.Sub(webFiles, "web")
+	files := http.StripPrefix("/admin/", http.FileServerFS(web))
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Security-Policy", "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
+		w.Header().Set("X-Frame-Options", "DENY")
+		w.Header().Set("Referrer-Policy", "no-referrer")
+		files.ServeHTTP(w, r)
+	})
 }
 
 // handleBackup streams a consistent snapshot of the live database.
