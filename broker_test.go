@@ -540,3 +540,10 @@ func TestConfig(t *testing.T) {
 		t.Error("a malformed BROKER_PORT was accepted")
 	}
 }
+
+func TestVersionFlag(t *testing.T) {
+	var out bytes.Buffer
+	if err := run(context.Background(), []string{"--version"}, func(string) string { return "" }, &out); err != nil || !strings.HasPrefix(out.String(), "broker ") {
+		t.Errorf("--version: %q %v", out.String(), err)
+	}
+}

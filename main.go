@@ -17,6 +17,7 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"runtime/debug"
 	"strings"
 	"sync/atomic"
 	"syscall"
@@ -25,8 +26,14 @@ import (
 	"github.com/beevik/ntp"
 )
 
-// version is set at build time: go build -ldflags "-X main.version=v1.2.3".
-var version = "dev"
+// version is the version the go command recorded in the binary: the module version of
+// go install ...@v1.2.3, or the one it derives from the checkout's tag and commit.
+func version() string {
+	if bi, ok := debug.ReadBuildInfo(); ok && bi.Main.Version != "" {
+		return bi.Main.Version
+	}
+	return "(unknown)"
+}
 
 // config holds every setting. Each comes from a flag whose default may come from the
 // environment variable BROKER_<NAME> (e.g. BROKER_JWT_SECRET), so secrets need not show in ps.
@@ -152,7 +159,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 	} else if err != nil {
 		return err
 	} else if cfg.showVersion {
-		fmt.Fprintln(stderr, "broker", version)
+		fmt.Fprintln(stderr, "broker", version())
 		return nil
 	}
 	log := slog.New(slog.NewTextHandler(stderr, nil))
@@ -180,7 +187,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 	if cfg.secure {
 		err = s.serveTLS(srv, errc)
 	} else if ln, lerr := net.Listen("tcp", fmt.Sprintf(":%d", cfg.port)); lerr == nil {
-		log.Info("broker listening", "addr", ln.Addr().String(), "version", version)
+		log.Info("broker listening", "addr", ln.Addr().String(), "version", version())
 		go func() { errc <- srv.Serve(ln) }()
 	} else {
 		err = lerr
