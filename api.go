@@ -12,6 +12,7 @@ import (
 	"io/fs"
 	"net/http"
 	"regexp"
+	"strconv"
 	"strings"
 	"time"
 )
@@ -133,27 +134,20 @@ func (s *server) encode(w http.ResponseWriter, r *http.Request, v any) {
 // fail answers err as {"error": "..."} with its status. Internal errors are logged and
 // reach the client only as "internal error".
 func (s *server) fail(w http.ResponseWriter, r *http.Request, err error) {
-	status, msg := http.StatusInternalServerError, err.Error()
+	status, msg := http.StatusInternalServerError, "internal error"
+	for code, sentinel := range map[int]error{400: errInvalid, 401: errUnauthorized, 404: errNotFound, 429: errTooMany} {
+		if errors.Is(err, sentinel) {
+			status, msg = code, err.Error()
+		}
+	}
 	var tooBig *http.MaxBytesError
 	var retry *retryError
-	switch {
-	case errors.As(err, &retry):
-		status = http.StatusTooManyRequests
-		w.Header().Set("Retry-After", retryAfter(retry))
-	case errors.Is(err, errTooMany):
-		status = http.StatusTooManyRequests
-		w.Header().Set("Retry-After", "1")
-	case errors.Is(err, errInvalid):
-		status = http.StatusBadRequest
-	case errors.Is(err, errUnauthorized):
-		status = http.StatusUnauthorized
-	case errors.Is(err, errNotFound):
-		status = http.StatusNotFound
-	case errors.As(err, &tooBig):
+	if errors.As(err, &tooBig) {
 		status, msg = http.StatusRequestEntityTooLarge, "request body too large"
-	default:
+	} else if errors.As(err, &retry) {
+		w.Header().Set("Retry-After", strconv.Itoa(int(retry.after.Seconds()+0.999)))
+	} else if status == http.StatusInternalServerError {
 		s.log.Error("request failed", "method", r.Method, "path", r.URL.Path, "err", err)
-		msg = "internal error"
 	}
 	b, _ := json.Marshal(map[string]string{"error": msg})
 	w.Header().Set("Content-Type", "application/json")

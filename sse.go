@@ -9,6 +9,8 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"os"
+	"runtime"
 	"strconv"
 	"sync"
 	"syscall"
@@ -46,7 +48,7 @@ type hub struct {
 
 const (
 	maxPending   = 256 << 10        // bytes a subscriber may fall behind before it is dropped
-	writeTimeout = 2 * time.Second  // a write that takes longer ends the stream
+	writeTimeout = 5 * time.Second  // a write that takes longer ends the stream
 	heartbeat    = 30 * time.Second // silence after which a comment line is sent
 	writers      = 4                // goroutines writing to streams
 )
@@ -63,6 +65,8 @@ func newHub(db *store, log *slog.Logger, maxStreams, maxUserStreams int) (*hub, 
 		inserts: make(chan *commitReq), work: make(chan *subscriber, maxStreams), stop: make(chan struct{}),
 		subs: map[string]map[*subscriber]bool{}, perUser: map[string]int{}, lastID: seqs,
 	}
+	// A writer per core: fewer writers than streams are what lets events batch.
+	writers := runtime.GOMAXPROCS(0)
 	h.loops.Add(writers + 2)
 	go h.commitLoop()
 	go h.sweepLoop()
@@ -190,7 +194,7 @@ func (h *hub) subscribe(u *user) (*subscriber, uint64, error) {
 		total += len(set)
 	}
 	if h.closed || total >= h.maxStreams || h.perUser[u.Username] >= h.maxUserStreams {
-		return nil, 0, fmt.Errorf("%w: too many open streams", errTooMany)
+		return nil, 0, &retryError{after: time.Second, msg: "too many open streams"}
 	}
 	s := &subscriber{h: h, tenant: u.Tenant, user: u.Username, done: make(chan struct{})}
 	if h.subs[u.Tenant] == nil {
@@ -210,7 +214,7 @@ func (s *subscriber) enqueue(frame []byte) {
 	if s.ending {
 		return
 	}
-	if s.ending = len(s.pending)+len(frame) > maxPending; s.ending {
+	if s.ending = len(s.pending) > 0 && len(s.pending)+len(frame) > maxPending; s.ending {
 		s.h.log.Info("dropping a stream that does not keep up", "user", s.user, "tenant", s.tenant)
 		s.pending = nil
 	} else {
@@ -247,13 +251,31 @@ func (h *hub) writeLoop() {
 	}
 }
 
-// flush writes everything pending in one write; what arrives meanwhile queues s again.
+// flush writes everything pending in one write. A plain TCP stream is written by the
+// writer itself with a short deadline; if the client's socket is full, or the stream is TLS
+// or HTTP/2 (whose writes cannot resume after a timeout), the write finishes in a goroutine
+// of its own, so one slow client never holds up the others.
 func (s *subscriber) flush() {
 	s.mu.Lock()
 	buf, ending := s.pending, s.ending
 	s.pending, s.lastWrite = nil, time.Now()
 	s.mu.Unlock()
-	if err := s.write(buf); err != nil || ending {
+	if tcp, ok := s.conn.(*net.TCPConn); ok {
+		tcp.SetWriteDeadline(time.Now().Add(10 * time.Millisecond))
+		n, err := tcp.Write(buf)
+		if !errors.Is(err, os.ErrDeadlineExceeded) {
+			s.written(err, ending)
+			return
+		}
+		buf = buf[n:]
+	}
+	go func() { s.written(s.write(buf), ending) }()
+}
+
+// written ends the stream after an error or when it was ending, else queues what arrived
+// during the write.
+func (s *subscriber) written(err error, ending bool) {
+	if err != nil || ending {
 		s.finish()
 		return
 	}
@@ -265,9 +287,6 @@ func (s *subscriber) flush() {
 }
 
 func (s *subscriber) write(b []byte) error {
-	if len(b) == 0 {
-		return nil
-	}
 	if s.conn != nil {
 		s.conn.SetWriteDeadline(time.Now().Add(writeTimeout))
 		_, err := s.conn.Write(b)

@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"os"
 	"path/filepath"
 	"sort"
@@ -192,6 +193,9 @@ func (st *store) sequences() (map[string]uint64, error) {
 // name whose latest event is newer than upto is left out: that event is delivered live).
 func (st *store) readEvents(tenant string, resume bool, after, upto uint64, limit int) ([]*event, error) {
 	var evs []*event
+	if !resume {
+		limit = math.MaxInt // one event per name
+	}
 	add := func(k, v []byte) bool {
 		id := binary.BigEndian.Uint64(k)
 		if id <= upto && len(evs) < limit {

@@ -14,6 +14,7 @@ import (
 	"unicode"
 
 	"github.com/biscuit-auth/biscuit-go/v2"
+	"github.com/biscuit-auth/biscuit-go/v2/parser"
 )
 
 // claims are the JWT claims broker issues (CONTRACT §3).
@@ -121,31 +122,21 @@ func (s *server) issueJWT(u *user) string {
 }
 
 // mintBiscuit returns a biscuit signed by root whose authority block states who u is,
-// one right per scope, and a check that it expires at exp.
+// one right per scope, and a check that it expires at exp. Values go in as parameters,
+// never into the datalog text.
 func mintBiscuit(root ed25519.PrivateKey, u *user, exp time.Time) ([]byte, error) {
-	fact := func(name string, ids ...string) biscuit.Fact {
-		terms := make([]biscuit.Term, len(ids))
-		for i, id := range ids {
-			terms[i] = biscuit.String(id)
-		}
-		return biscuit.Fact{Predicate: biscuit.Predicate{Name: name, IDs: terms}}
-	}
-	facts := []biscuit.Fact{fact("user", u.Username), fact("tenant", u.Tenant)}
-	for _, sc := range u.Scopes {
+	code := `user({user}); tenant({tenant}); check if time($t), $t <= {exp};`
+	params := parser.ParametersMap{"user": biscuit.String(u.Username), "tenant": biscuit.String(u.Tenant), "exp": biscuit.Date(exp)}
+	for i, sc := range u.Scopes {
 		res, op, _ := strings.Cut(sc, ":")
-		facts = append(facts, fact("right", res, op))
+		code += fmt.Sprintf(" right({r%d}, {o%d});", i, i)
+		params[fmt.Sprint("r", i)], params[fmt.Sprint("o", i)] = biscuit.String(res), biscuit.String(op)
 	}
+	block, err := parser.FromStringBlockWithParams(code, params)
 	b := biscuit.NewBuilder(root)
-	for _, f := range facts {
-		if err := b.AddAuthorityFact(f); err != nil {
-			return nil, err
-		}
+	if err == nil {
+		err = b.AddBlock(block)
 	}
-	err := b.AddAuthorityCheck(biscuit.Check{Queries: []biscuit.Rule{{
-		Head:        biscuit.Predicate{Name: "valid"},
-		Body:        []biscuit.Predicate{{Name: "time", IDs: []biscuit.Term{biscuit.Variable("t")}}},
-		Expressions: []biscuit.Expression{{biscuit.Value{Term: biscuit.Variable("t")}, biscuit.Value{Term: biscuit.Date(exp)}, biscuit.BinaryLessOrEqual}},
-	}}})
 	if err != nil {
 		return nil, err
 	}
