@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"crypto/ed25519"
 	"crypto/sha256"
 	"crypto/subtle"
@@ -28,19 +29,21 @@ var (
 // routes returns broker's whole HTTP API.
 func (s *server) routes() http.Handler {
 	mux := http.NewServeMux()
-	mux.HandleFunc("GET /{$}", func(w http.ResponseWriter, r *http.Request) { s.encode(w, r, map[string]string{"status": "ok"}) })
-	mux.HandleFunc("POST /create_user", handle(s, s.createUser))
+	mux.HandleFunc("GET /{$}", func(w http.ResponseWriter, r *http.Request) {
+		s.reply(w, http.StatusOK, map[string]string{"status": "ok"})
+	})
+	mux.HandleFunc("POST /create_user", handle(s, s.saveUser(true)))
 	mux.HandleFunc("POST /login", handle(s, s.loginUser))
 	mux.HandleFunc("POST /list_users", handle(s, s.listUsers))
 	mux.HandleFunc("POST /get_user", handle(s, s.getUser))
-	mux.HandleFunc("POST /update_user", handle(s, s.updateUser))
+	mux.HandleFunc("POST /update_user", handle(s, s.saveUser(false)))
 	mux.HandleFunc("POST /revoke_user", handle(s, s.revoke(true)))
 	mux.HandleFunc("POST /unrevoke_user", handle(s, s.revoke(false)))
 	mux.HandleFunc("POST /create_qr", handle(s, s.createQR))
 	mux.HandleFunc("POST /create_totp", handle(s, s.createTOTP))
 	mux.HandleFunc("POST /password_reset", handle(s, s.passwordReset))
 	mux.HandleFunc("POST /insert", handle(s, s.insert))
-	mux.HandleFunc("GET /verify", s.handleVerify)
+	mux.HandleFunc("GET /verify", handle(s, s.verify))
 	mux.HandleFunc("GET /sse", s.handleSSE)
 	mux.HandleFunc("POST /backup", s.handleBackup)
 	mux.Handle("GET /admin/", console())
@@ -96,8 +99,11 @@ func handle[T any](s *server, act func(r *http.Request, req *T) (any, error)) ht
 		req := new(T)
 		dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, 1<<20))
 		dec.DisallowUnknownFields()
-		err := dec.Decode(req)
-		if err == nil && dec.Decode(&struct{}{}) != io.EOF {
+		var err error
+		if r.Method != http.MethodGet { // GET /verify has no body
+			err = dec.Decode(req)
+		}
+		if err == nil && r.Method != http.MethodGet && dec.Decode(&struct{}{}) != io.EOF {
 			err = errors.New("unexpected data after the JSON object")
 		}
 		var tooBig *http.MaxBytesError
@@ -114,20 +120,21 @@ func handle[T any](s *server, act func(r *http.Request, req *T) (any, error)) ht
 		if err != nil {
 			s.fail(w, r, err)
 		} else if out != nil { // nil: act has answered itself
-			s.encode(w, r, out)
+			s.reply(w, http.StatusOK, out)
 		}
 	}
 }
 
-// encode answers v as JSON.
-func (s *server) encode(w http.ResponseWriter, r *http.Request, v any) {
+// reply answers v as JSON with status.
+func (s *server) reply(w http.ResponseWriter, status int, v any) {
 	b, err := json.Marshal(v)
 	if err != nil {
-		s.fail(w, r, fmt.Errorf("api: encode answer: %w", err))
-		return
+		s.log.Error("encode answer", "err", err)
+		status, b = http.StatusInternalServerError, []byte(`{"error":"internal error"}`)
 	}
 	w.Header().Set("Content-Type", "application/json")
 	w.Header().Set("Cache-Control", "no-store")
+	w.WriteHeader(status)
 	w.Write(b)
 }
 
@@ -149,10 +156,7 @@ func (s *server) fail(w http.ResponseWriter, r *http.Request, err error) {
 	} else if status == http.StatusInternalServerError {
 		s.log.Error("request failed", "method", r.Method, "path", r.URL.Path, "err", err)
 	}
-	b, _ := json.Marshal(map[string]string{"error": msg})
-	w.Header().Set("Content-Type", "application/json")
-	w.WriteHeader(status)
-	w.Write(b)
+	s.reply(w, status, map[string]string{"error": msg})
 }
 
 type createReq struct {
@@ -160,48 +164,31 @@ type createReq struct {
 	userFields
 }
 
-func (s *server) createUser(r *http.Request, req *createReq) (any, error) {
-	if req.Password == nil || req.Tenant == nil {
-		return nil, fmt.Errorf("%w: username, password and tenant_name are required", errInvalid)
+// saveUser creates a user, or updates one: absent fields stay as they are.
+func (s *server) saveUser(create bool) func(*http.Request, *createReq) (any, error) {
+	return func(r *http.Request, req *createReq) (any, error) {
+		if create && (req.Password == nil || req.Tenant == nil) {
+			return nil, fmt.Errorf("%w: username, password and tenant_name are required", errInvalid)
+		}
+		err := s.validate(req.Username, req.userFields)
+		hash := ""
+		if err == nil && req.Password != nil {
+			hash, err = s.hashPassword(r.Context(), *req.Password)
+		}
+		var old user
+		u, err := s.db.updateUser(req.Username, create, func(u *user) error {
+			old, u.ID = *u, cmp.Or(u.ID, newID())
+			s.apply(u, req.userFields, hash)
+			return err
+		})
+		if err == nil && !create && (u.Tenant != old.Tenant || hash != "") {
+			s.hub.kick(u.Username) // streams of the old tenant, or opened with the old password, end
+		}
+		if create && err == nil {
+			return map[string]string{"id": u.ID}, nil
+		}
+		return u, err
 	}
-	if err := s.validate(req.Username, req.userFields); err != nil {
-		return nil, err
-	}
-	hash, err := s.hashPassword(r.Context(), *req.Password)
-	if err != nil {
-		return nil, err
-	}
-	u, err := s.db.updateUser(req.Username, true, func(u *user) error {
-		u.ID = newID()
-		s.apply(u, req.userFields, hash)
-		return nil
-	})
-	if err != nil {
-		return nil, err
-	}
-	return map[string]string{"id": u.ID}, nil
-}
-
-func (s *server) updateUser(r *http.Request, req *createReq) (any, error) {
-	old, err := s.db.getUser(req.Username)
-	if err == nil {
-		err = s.validate(req.Username, req.userFields)
-	}
-	hash := ""
-	if err == nil && req.Password != nil {
-		hash, err = s.hashPassword(r.Context(), *req.Password)
-	}
-	if err != nil {
-		return nil, err
-	}
-	u, err := s.db.updateUser(req.Username, false, func(u *user) error {
-		s.apply(u, req.userFields, hash)
-		return nil
-	})
-	if err == nil && (u.Tenant != old.Tenant || hash != "") {
-		s.hub.kick(u.Username) // streams of the old tenant, or opened with the old password, end
-	}
-	return u, err
 }
 
 type loginReq struct {
@@ -306,21 +293,20 @@ func (s *server) passwordReset(r *http.Request, req *loginReq) (any, error) {
 	return struct{}{}, err
 }
 
-func (s *server) handleVerify(w http.ResponseWriter, r *http.Request) {
+func (s *server) verify(r *http.Request, _ *struct{}) (any, error) {
 	u, exp, err := s.authenticate(r)
 	var tok []byte
 	if err == nil {
 		tok, err = mintBiscuit(s.rootKey, u, time.Unix(exp, 0))
 	}
 	if err != nil {
-		s.fail(w, r, err)
-		return
+		return nil, err
 	}
 	// key and token are arrays of numbers, as the original broker answered them.
-	s.encode(w, r, map[string]any{
+	return map[string]any{
 		"key": numbers(s.rootKey.Public().(ed25519.PublicKey)), "token": numbers(tok),
 		"expiry": exp, "username": u.Username, "scopes": append([]string{}, u.Scopes...),
-	})
+	}, nil
 }
 
 func numbers(b []byte) []int {

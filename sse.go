@@ -62,7 +62,7 @@ func newHub(db *store, log *slog.Logger, maxStreams, maxUserStreams int) (*hub, 
 	seqs, err := db.sequences()
 	h := &hub{
 		db: db, log: log, maxStreams: maxStreams, maxUserStreams: maxUserStreams,
-		inserts: make(chan *commitReq), work: make(chan *subscriber, maxStreams), stop: make(chan struct{}),
+		inserts: make(chan *commitReq, 1000), work: make(chan *subscriber, maxStreams), stop: make(chan struct{}),
 		subs: map[string]map[*subscriber]bool{}, perUser: map[string]int{}, lastID: seqs,
 	}
 	// A writer per core: fewer writers than streams are what lets events batch.
@@ -79,12 +79,8 @@ func newHub(db *store, log *slog.Logger, maxStreams, maxUserStreams int) (*hub, 
 // insert commits ev durably and returns its ID.
 func (h *hub) insert(ev *event) (uint64, error) {
 	req := &commitReq{ev: ev, done: make(chan error, 1)}
-	select {
-	case h.inserts <- req:
-		return ev.ID, <-req.done
-	case <-h.stop:
-		return 0, errors.New("hub: stopped")
-	}
+	h.inserts <- req
+	return ev.ID, <-req.done
 }
 
 func (h *hub) commitLoop() {
@@ -94,16 +90,11 @@ func (h *hub) commitLoop() {
 		select {
 		case req := <-h.inserts:
 			batch = append(batch, req)
-		case <-h.stop:
+		case <-h.stop: // after the HTTP server has stopped: nobody is waiting
 			return
 		}
-		for more := true; more && len(batch) < 1000; {
-			select {
-			case req := <-h.inserts:
-				batch = append(batch, req)
-			default:
-				more = false
-			}
+		for len(batch) < cap(h.inserts) && len(h.inserts) > 0 {
+			batch = append(batch, <-h.inserts)
 		}
 		evs := make([]*event, len(batch))
 		for i, req := range batch {
