@@ -178,10 +178,19 @@ func needTool(t *testing.T, name string, args ...string) {
 	}
 }
 
+// testBin is where buildBroker puts the broker binary; TestMain removes it.
+func testBin() string { return filepath.Join(os.TempDir(), fmt.Sprintf("broker-test-%d", os.Getpid())) }
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	os.Remove(testBin())
+	os.Exit(code)
+}
+
 // buildBroker builds the broker binary once per test binary run.
 func buildBroker(t *testing.T) string {
 	t.Helper()
-	bin := filepath.Join(os.TempDir(), fmt.Sprintf("broker-test-%d", os.Getpid()))
+	bin := testBin()
 	if _, err := os.Stat(bin); err != nil {
 		if out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput(); err != nil {
 			t.Fatalf("go build: %v\n%s", err, out)
