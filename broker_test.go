@@ -514,6 +514,9 @@ func TestSecondProcessRefused(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer st.close()
+	if st.db.NoSync {
+		t.Error("bbolt opened with NoSync: a crash could lose acknowledged writes")
+	}
 	start := time.Now()
 	_, err = openStore(dir)
 	if err == nil || !strings.Contains(err.Error(), "another broker process") {
@@ -546,4 +549,24 @@ func TestVersionFlag(t *testing.T) {
 	if err := run(context.Background(), []string{"--version"}, func(string) string { return "" }, &out); err != nil || !strings.HasPrefix(out.String(), "broker ") {
 		t.Errorf("--version: %q %v", out.String(), err)
 	}
+}
+
+// TestExpiredAndForgedTokensOverHTTP: an expired JWT, an alg:none token and a token signed
+// with another key are refused by every authenticated endpoint.
+func TestExpiredAndForgedTokensOverHTTP(t *testing.T) {
+	b := newTestBroker(t)
+	b.createUser("bob", "t")
+	jwt := b.login("bob")
+	c, _ := verifyJWT(jwt, []byte("secret"), time.Now())
+	none := b64.EncodeToString([]byte(`{"alg":"none","typ":"JWT"}`)) + "." + strings.Split(jwt, ".")[1] + "."
+	other := signJWT(c, []byte("not the secret"))
+	for _, tok := range []string{none, other, jwt + "x"} {
+		b.must(401, "GET", "/verify", nil, bearer(tok)...)
+		b.must(401, "POST", "/insert", obj{"event": "x", "data": 1}, bearer(tok)...)
+		b.must(401, "GET", "/sse", nil, bearer(tok)...)
+	}
+	b.must(200, "GET", "/verify", nil, bearer(jwt)...)
+	b.offset.Store(int64(86401 * time.Second)) // past exp on the server's clock
+	b.must(401, "GET", "/verify", nil, bearer(jwt)...)
+	b.must(401, "POST", "/insert", obj{"event": "x", "data": 1}, bearer(jwt)...)
 }

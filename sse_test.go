@@ -358,6 +358,11 @@ func TestStreamLimits(t *testing.T) {
 	if code != 429 {
 		t.Errorf("third stream: got %d; want 429", code)
 	}
+	c := newTestBroker(t, func(c *config) { c.maxStreams = 1 })
+	c.createUser("amy", "A")
+	c.createUser("ben", "A")
+	c.stream(bearer(c.login("amy"))...)
+	c.must(429, "GET", "/sse", nil, bearer(c.login("ben"))...)
 }
 
 // TestBrokerClientCompat drives the published npm broker-client 0.0.8 with Node against a
