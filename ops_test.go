@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -277,4 +278,31 @@ func TestHostileInput(t *testing.T) {
 	if after := snapshot(); after != before {
 		t.Errorf("hostile input changed the database:\nbefore %s\nafter  %s", before, after)
 	}
+}
+
+// TestGracefulShutdown: cancelling run's context (SIGINT/SIGTERM in main) ends open streams
+// cleanly, lets run return without error, and releases the database.
+func TestGracefulShutdown(t *testing.T) {
+	port, db := freePort(t), t.TempDir()
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() {
+		done <- run(ctx, []string{"--ntp_server=", "--db", db, "--port", fmt.Sprint(port)}, func(string) string { return "" }, io.Discard)
+	}()
+	base := fmt.Sprintf("http://127.0.0.1:%d", port)
+	waitUp(t, http.DefaultClient, base+"/")
+	postJSON(t, base+"/create_user", `{"username":"w","password":"pw","admin_token":"letmein","tenant_name":"t"}`)
+	jwt := postJSON(t, base+"/login", `{"username":"w","password":"pw"}`)["jwt"].(string)
+	s := openStream(t, base+"/sse", http.DefaultClient, bearer(jwt)...)
+	cancel()
+	s.ended()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Errorf("run after shutdown: %v", err)
+		}
+	case <-time.After(15 * time.Second):
+		t.Fatal("run did not return within 15 s of the signal")
+	}
+	checkDB(t, db) // the lock is released and the file is consistent
 }
