@@ -63,9 +63,9 @@ func (b *testBroker) stop() {
 		return
 	}
 	b.stopped = true
-	b.s.hub.closeStreams(context.Background())
+	b.s.hub.closeStreams()
 	b.ts.Close()
-	b.s.close(context.Background())
+	b.s.close()
 }
 
 // do sends a request and returns the status and body. body is JSON-encoded unless it is
@@ -501,7 +501,7 @@ func TestVerifyBiscuit(t *testing.T) {
 	if err != nil {
 		t.Fatalf("restart: %v", err)
 	}
-	defer s2.close(t.Context())
+	defer s2.close()
 	if !bytes.Equal(s2.rootKey.Public().(ed25519.PublicKey), v.Key) {
 		t.Error("biscuit root key changed across a restart")
 	}

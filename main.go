@@ -139,15 +139,15 @@ func newServer(cfg config, log *slog.Logger, now func() time.Time) (*server, err
 		s.dummyHash, err = s.hashPassword(context.Background(), rand.Text())
 	}
 	if err != nil {
-		s.close(context.Background())
+		s.close()
 		return nil, err
 	}
 	return s, nil
 }
 
 // close ends every stream, stops the hub and closes the database.
-func (s *server) close(ctx context.Context) error {
-	s.hub.closeStreams(ctx)
+func (s *server) close() error {
+	s.hub.closeStreams()
 	s.hub.close()
 	return s.db.close()
 }
@@ -201,9 +201,9 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 	log.Info("shutting down")
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	s.hub.closeStreams(ctx)
+	s.hub.closeStreams()
 	srv.Shutdown(ctx)
-	return errors.Join(err, s.close(ctx))
+	return errors.Join(err, s.close())
 }
 
 // syncClock measures the offset to the NTP server now and every hour. Without an answer

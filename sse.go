@@ -2,7 +2,6 @@ package main
 
 import (
 	"bytes"
-	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -68,12 +67,25 @@ func newHub(db *store, log *slog.Logger, maxStreams, maxUserStreams int) (*hub, 
 	// A writer per core: fewer writers than streams are what lets events batch.
 	writers := runtime.GOMAXPROCS(0)
 	h.loops.Add(writers + 2)
-	go h.commitLoop()
-	go h.sweepLoop()
+	go loop(h, h.inserts, h.commit)
+	go loop(h, time.NewTicker(5*time.Second).C, h.sweep)
 	for range writers {
-		go h.writeLoop()
+		go loop(h, h.work, (*subscriber).flush)
 	}
 	return h, err
+}
+
+// loop calls f with every value from c until the hub stops.
+func loop[T any](h *hub, c <-chan T, f func(T)) {
+	defer h.loops.Done()
+	for {
+		select {
+		case v := <-c:
+			f(v)
+		case <-h.stop:
+			return
+		}
+	}
 }
 
 // insert commits ev durably and returns its ID.
@@ -83,30 +95,23 @@ func (h *hub) insert(ev *event) (uint64, error) {
 	return ev.ID, <-req.done
 }
 
-func (h *hub) commitLoop() {
-	defer h.loops.Done()
-	for {
-		var batch []*commitReq
-		select {
-		case req := <-h.inserts:
-			batch = append(batch, req)
-		case <-h.stop: // after the HTTP server has stopped: nobody is waiting
-			return
-		}
-		for len(batch) < cap(h.inserts) && len(h.inserts) > 0 {
-			batch = append(batch, <-h.inserts)
-		}
-		evs := make([]*event, len(batch))
-		for i, req := range batch {
-			evs[i] = req.ev
-		}
-		err := h.db.appendEvents(evs)
-		if err == nil {
-			h.publish(evs)
-		}
-		for _, req := range batch {
-			req.done <- err
-		}
+// commit commits req and every insert waiting behind it in one transaction, then
+// publishes them and answers their requests.
+func (h *hub) commit(req *commitReq) {
+	batch := []*commitReq{req}
+	for len(batch) < cap(h.inserts) && len(h.inserts) > 0 {
+		batch = append(batch, <-h.inserts)
+	}
+	evs := make([]*event, len(batch))
+	for i, req := range batch {
+		evs[i] = req.ev
+	}
+	err := h.db.appendEvents(evs)
+	if err == nil {
+		h.publish(evs)
+	}
+	for _, req := range batch {
+		req.done <- err
 	}
 }
 
@@ -230,18 +235,6 @@ func (s *subscriber) end() {
 	s.schedule()
 }
 
-func (h *hub) writeLoop() {
-	defer h.loops.Done()
-	for {
-		select {
-		case s := <-h.work:
-			s.flush()
-		case <-h.stop:
-			return
-		}
-	}
-}
-
 // flush writes everything pending in one write. A plain TCP stream is written by the
 // writer itself with a short deadline; if the client's socket is full, or the stream is TLS
 // or HTTP/2 (whose writes cannot resume after a timeout), the write finishes in a goroutine
@@ -332,20 +325,6 @@ func (h *hub) all() []*subscriber {
 	return all
 }
 
-func (h *hub) sweepLoop() {
-	defer h.loops.Done()
-	t := time.NewTicker(5 * time.Second)
-	defer t.Stop()
-	for {
-		select {
-		case now := <-t.C:
-			h.sweep(now)
-		case <-h.stop:
-			return
-		}
-	}
-}
-
 // sweep sends the heartbeat comment to streams silent for 30 s at now and ends hijacked
 // streams whose client has gone (nothing else reads those sockets).
 func (h *hub) sweep(now time.Time) {
@@ -378,20 +357,16 @@ func peerClosed(c net.Conn) bool {
 	return closed
 }
 
-// closeStreams ends every stream and refuses new ones, waiting until ctx is done at most.
-func (h *hub) closeStreams(ctx context.Context) {
+// closeStreams ends every stream and refuses new ones. It returns when all have ended,
+// which takes at most writeTimeout.
+func (h *hub) closeStreams() {
 	h.mu.Lock()
 	h.closed = true
 	h.mu.Unlock()
 	for _, s := range h.all() {
 		s.end()
 	}
-	done := make(chan struct{})
-	go func() { h.streams.Wait(); close(done) }()
-	select {
-	case <-done:
-	case <-ctx.Done():
-	}
+	h.streams.Wait()
 }
 
 // close stops the hub's goroutines; call it after the HTTP server has stopped.

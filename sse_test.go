@@ -2,7 +2,6 @@ package main
 
 import (
 	"bufio"
-	"context"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -278,7 +277,7 @@ func TestStreamEndsOnRevokeMoveAndShutdown(t *testing.T) {
 	sa.ended()
 	b.must(200, "POST", "/update_user", obj{"admin_token": "letmein", "username": "bob", "tenant_name": "B"})
 	sb.ended()
-	b.s.hub.closeStreams(t.Context())
+	b.s.hub.closeStreams()
 	sc.ended()
 	if code, _ := b.do("GET", "/sse", nil, bearer(b.login("carl"))...); code != 429 {
 		t.Errorf("stream after shutdown began: got %d; want 429", code)
@@ -453,6 +452,6 @@ func BenchmarkPublish(b *testing.B) {
 	for b.Loop() {
 		h.publish([]*event{ev})
 	}
-	h.closeStreams(context.Background())
+	h.closeStreams()
 	b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N*subs), "ns/delivery")
 }
