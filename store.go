@@ -155,20 +155,14 @@ type event struct {
 func (st *store) appendEvents(evs []*event) error {
 	return st.db.Update(func(tx *bolt.Tx) error {
 		for _, ev := range evs {
-			events, err := tx.Bucket(bucketEvents).CreateBucketIfNotExists([]byte(ev.Tenant))
-			if err != nil {
-				return err
-			}
-			latest, err := tx.Bucket(bucketLatest).CreateBucketIfNotExists([]byte(ev.Tenant))
-			if err != nil {
+			events, err1 := tx.Bucket(bucketEvents).CreateBucketIfNotExists([]byte(ev.Tenant))
+			latest, err2 := tx.Bucket(bucketLatest).CreateBucketIfNotExists([]byte(ev.Tenant))
+			if err := errors.Join(err1, err2); err != nil {
 				return err
 			}
 			ev.ID, _ = events.NextSequence() // fails only in a read-only transaction
 			key := binary.BigEndian.AppendUint64(nil, ev.ID)
-			if err := events.Put(key, append([]byte(ev.Name+"\n"), ev.Data...)); err != nil {
-				return err
-			}
-			if err := latest.Put([]byte(ev.Name), key); err != nil {
+			if err := errors.Join(events.Put(key, append([]byte(ev.Name+"\n"), ev.Data...)), latest.Put([]byte(ev.Name), key)); err != nil {
 				return err
 			}
 		}
