@@ -213,6 +213,9 @@ func (s *subscriber) enqueue(frame []byte) {
 	if s.ending = len(s.pending) > 0 && len(s.pending)+len(frame) > maxPending; s.ending {
 		s.h.log.Info("dropping a stream that does not keep up", "user", s.user, "tenant", s.tenant)
 		s.pending = nil
+		if s.conn != nil {
+			s.conn.Close() // at once: a write stalled on the full socket fails and frees its goroutine
+		}
 	} else {
 		s.pending = append(s.pending, frame...)
 	}
