@@ -49,7 +49,6 @@ const (
 	maxPending   = 256 << 10        // bytes a subscriber may fall behind before it is dropped
 	writeTimeout = 5 * time.Second  // a write that takes longer ends the stream
 	heartbeat    = 30 * time.Second // silence after which a comment line is sent
-	writers      = 4                // goroutines writing to streams
 )
 
 type commitReq struct {
@@ -189,7 +188,9 @@ func (h *hub) subscribe(u *user) (*subscriber, uint64, error) {
 	for _, set := range h.subs {
 		total += len(set)
 	}
-	if h.closed || total >= h.maxStreams || h.perUser[u.Username] >= h.maxUserStreams {
+	if h.closed {
+		return nil, 0, &retryError{after: time.Second, msg: "shutting down"}
+	} else if total >= h.maxStreams || h.perUser[u.Username] >= h.maxUserStreams {
 		return nil, 0, &retryError{after: time.Second, msg: "too many open streams"}
 	}
 	s := &subscriber{h: h, tenant: u.Tenant, user: u.Username, done: make(chan struct{})}
