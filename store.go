@@ -16,6 +16,7 @@ import (
 	"time"
 
 	bolt "go.etcd.io/bbolt"
+	berrors "go.etcd.io/bbolt/errors"
 )
 
 // store is broker's embedded database: one bbolt file in the --db folder, opened with
@@ -39,7 +40,7 @@ func openStore(dir string) (*store, error) {
 	}
 	path := filepath.Join(dir, "broker.db")
 	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: time.Second})
-	if errors.Is(err, bolt.ErrTimeout) {
+	if errors.Is(err, berrors.ErrTimeout) {
 		return nil, fmt.Errorf("store: %s is locked: another broker process is using --db %s", path, dir)
 	} else if err != nil {
 		return nil, fmt.Errorf("store: open %s: %w", path, err)

@@ -166,18 +166,6 @@ func TestOwnCertificateRefusedAtStart(t *testing.T) {
 	}
 }
 
-// needTool runs a command that fetches or builds a test tool; without network it skips,
-// unless CI is set.
-func needTool(t *testing.T, name string, args ...string) {
-	t.Helper()
-	if out, err := exec.Command(name, args...).CombinedOutput(); err != nil {
-		if os.Getenv("CI") != "" {
-			t.Fatalf("%s %v: %v\n%s", name, args, err, out)
-		}
-		t.Skipf("cannot get a test tool (%v): %s", err, out)
-	}
-}
-
 // testBin is where buildBroker puts the broker binary; TestMain removes it.
 func testBin() string { return filepath.Join(os.TempDir(), fmt.Sprintf("broker-test-%d", os.Getpid())) }
 
