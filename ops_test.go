@@ -3,9 +3,11 @@ package main
 import (
 	"bytes"
 	"context"
+	"encoding/binary"
 	"encoding/json"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -305,4 +307,87 @@ func TestGracefulShutdown(t *testing.T) {
 		t.Fatal("run did not return within 15 s of the signal")
 	}
 	checkDB(t, db) // the lock is released and the file is consistent
+}
+
+// fakeNTP answers NTP v4 requests on loopback with the local time shifted by offset.
+func fakeNTP(t *testing.T, offset time.Duration) string {
+	t.Helper()
+	conn, err := net.ListenPacket("udp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	stamp := func(b []byte, at time.Time) {
+		binary.BigEndian.PutUint32(b, uint32(at.Unix()+2208988800)) // seconds since 1900
+		binary.BigEndian.PutUint32(b[4:], uint32(uint64(at.Nanosecond())<<32/1e9))
+	}
+	go func() {
+		req := make([]byte, 48)
+		for {
+			n, addr, err := conn.ReadFrom(req)
+			if err != nil {
+				return
+			}
+			if n < 48 {
+				continue
+			}
+			resp := make([]byte, 48)
+			resp[0], resp[1], resp[2], resp[3] = 4<<3|4, 1, 4, 0xec // NTPv4 server, stratum 1
+			copy(resp[12:], "GPS")
+			now := time.Now().Add(offset)
+			stamp(resp[16:], now.Add(-time.Second)) // reference
+			copy(resp[24:32], req[40:48])           // origin: the client's transmit time
+			stamp(resp[32:], now)                   // receive
+			stamp(resp[40:], now)                   // transmit
+			conn.WriteTo(resp, addr)
+		}
+	}()
+	return conn.LocalAddr().String()
+}
+
+// TestNTPClock: JWTs are issued and checked on the NTP-corrected clock, and without an
+// answer from NTP the broker keeps working on its own clock.
+func TestNTPClock(t *testing.T) {
+	for _, c := range []struct {
+		name   string
+		server string
+		shift  time.Duration
+	}{
+		{"two hours ahead", fakeNTP(t, 2*time.Hour), 2 * time.Hour},
+		{"unreachable", fmt.Sprintf("127.0.0.1:%d", freePort(t)), 0},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			port := freePort(t)
+			ctx, cancel := context.WithCancel(context.Background())
+			done := make(chan error, 1)
+			go func() {
+				done <- run(ctx, []string{"--ntp_server", c.server, "--db", t.TempDir(), "--port", fmt.Sprint(port)}, func(string) string { return "" }, io.Discard)
+			}()
+			defer func() { cancel(); <-done }()
+			base := fmt.Sprintf("http://127.0.0.1:%d", port)
+			waitUp(t, http.DefaultClient, base+"/")
+			postJSON(t, base+"/create_user", `{"username":"w","password":"pw","admin_token":"letmein","tenant_name":"t"}`)
+			for deadline := time.Now().Add(10 * time.Second); ; {
+				jwt := postJSON(t, base+"/login", `{"username":"w","password":"pw"}`)["jwt"].(string)
+				claims, err := verifyJWT(jwt, []byte("secret"), time.Now().Add(c.shift))
+				if err != nil {
+					t.Fatal(err)
+				}
+				if d := time.Unix(claims.Iat, 0).Sub(time.Now().Add(c.shift)); d > -time.Minute && d < time.Minute {
+					req, _ := http.NewRequest("GET", base+"/verify", nil)
+					req.Header.Set("Authorization", "Bearer "+jwt)
+					resp, err := http.DefaultClient.Do(req)
+					if err != nil || resp.StatusCode != 200 {
+						t.Fatalf("verify on the corrected clock: %v %v", resp, err)
+					}
+					resp.Body.Close()
+					return
+				}
+				if time.Now().After(deadline) {
+					t.Fatalf("iat %d is not on a clock shifted by %v", claims.Iat, c.shift)
+				}
+				time.Sleep(50 * time.Millisecond) // the first NTP measurement runs beside start-up
+			}
+		})
+	}
 }
