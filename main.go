@@ -129,7 +129,7 @@ func newServer(cfg config, log *slog.Logger, now func() time.Time) (*server, err
 	s := &server{
 		cfg: cfg, db: db, log: log, now: now, jwtKey: []byte(cfg.jwtSecret),
 		adminHash: sha256.Sum256([]byte(cfg.adminToken)), hashSlots: make(chan struct{}, 4),
-		throttle: &throttle{max: 100_000, strikes: map[string]*strike{}},
+		throttle: &throttle{max: 100_000, strikes: map[string]strike{}},
 	}
 	s.hub, err = newHub(db, log, cfg.maxStreams, cfg.maxUserStreams)
 	if err == nil {

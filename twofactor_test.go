@@ -155,7 +155,7 @@ func TestLoginThrottle(t *testing.T) {
 }
 
 func TestThrottleBounded(t *testing.T) {
-	th := &throttle{max: 100, strikes: map[string]*strike{}}
+	th := &throttle{max: 100, strikes: map[string]strike{}}
 	now := time.Now()
 	for i := 0; i < 10000; i++ {
 		th.fail(now, "user:"+strconv.Itoa(i))

@@ -184,8 +184,7 @@ const argonMemory, argonTime, argonThreads = 19 * 1024, 2, 1
 
 // hashPassword returns the argon2id PHC string of password with a fresh salt.
 func (s *server) hashPassword(ctx context.Context, password string) (string, error) {
-	salt := make([]byte, 16)
-	rand.Read(salt)
+	salt := randomBytes(16)
 	key, err := s.argon(ctx, password, salt, argonMemory, argonTime, argonThreads, 32)
 	enc := base64.RawStdEncoding
 	return fmt.Sprintf("$argon2id$v=19$m=%d,t=%d,p=%d$%s$%s", argonMemory, argonTime, argonThreads,
@@ -225,8 +224,7 @@ func (s *server) argon(ctx context.Context, password string, salt []byte, m, t u
 
 // newID returns a random (version 4) UUID.
 func newID() string {
-	b := make([]byte, 16)
-	rand.Read(b)
+	b := randomBytes(16)
 	b[6], b[8] = b[6]&0x0f|0x40, b[8]&0x3f|0x80
 	return fmt.Sprintf("%x-%x-%x-%x-%x", b[0:4], b[4:6], b[6:8], b[8:10], b[10:])
 }
@@ -251,16 +249,20 @@ func (s *server) login(r *http.Request, name, password string, totp *string) (*u
 		phc = u.Hash
 	}
 	ok, err := s.verifyPassword(r.Context(), phc, password)
-	if ok = ok && u != nil && !u.Revoked; ok && u.TwoFactor && totp == nil {
-		return nil, errBadLogin
-	} else if ok && u.TwoFactor && err == nil {
-		ok, err = s.checkTOTP(u, *totp)
+	if ok = ok && u != nil && !u.Revoked; err != nil {
+		return nil, err
+	} else if ok && u.TwoFactor && totp == nil {
+		return nil, errBadLogin // HTTP Basic cannot carry a code
+	} else if ok && u.TwoFactor {
+		err = s.checkTOTP(u, *totp)
+	} else if !ok {
+		err = errBadLogin
+	}
+	if errors.Is(err, errBadLogin) {
+		s.throttle.fail(s.now(), keys...)
 	}
 	if err != nil {
 		return nil, err
-	} else if !ok {
-		s.throttle.fail(s.now(), keys...)
-		return nil, errBadLogin
 	}
 	s.throttle.succeed(name)
 	return u, nil
@@ -279,7 +281,7 @@ func clientAddr(r *http.Request) string {
 type throttle struct {
 	max     int
 	mu      sync.Mutex // guards strikes
-	strikes map[string]*strike
+	strikes map[string]strike
 }
 
 type strike struct {
@@ -301,7 +303,7 @@ func (t *throttle) check(now time.Time, keys ...string) error {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	for _, k := range keys {
-		if st := t.strikes[k]; st != nil && now.Before(st.until) {
+		if st := t.strikes[k]; now.Before(st.until) {
 			return &retryError{after: st.until.Sub(now)}
 		}
 	}
@@ -325,19 +327,14 @@ func (t *throttle) fail(now time.Time, keys ...string) {
 		}
 	}
 	for _, k := range keys {
-		st := t.strikes[k]
-		if st == nil {
-			st = &strike{}
-			t.strikes[k] = st
-		}
-		st.fails++
-		free := 5
+		st, free := t.strikes[k], 5
 		if strings.HasPrefix(k, "addr:") {
 			free = 20
 		}
-		if n := st.fails - free; n > 0 {
-			st.until = now.Add(min(time.Second<<min(n-1, 20), 15*time.Minute))
+		if st.fails++; st.fails > free {
+			st.until = now.Add(min(time.Second<<min(st.fails-free-1, 20), 15*time.Minute))
 		}
+		t.strikes[k] = st
 	}
 }
 
@@ -366,32 +363,24 @@ func totpCode(secret string, step int64) string {
 	return code // "" for a malformed secret: never equal to a code
 }
 
-var errReplay = errors.New("code already used")
-
-// checkTOTP reports whether code is u's code at the current step or one step either side,
-// and newer than the last accepted one. The matched step is recorded in the transaction
-// that checks it, so a code is accepted only once.
-func (s *server) checkTOTP(u *user, code string) (bool, error) {
+// checkTOTP accepts code if it is u's code at the current step or one step either side,
+// and newer than the last accepted one; else it is errBadLogin. The matched step is
+// recorded in the transaction that checks it, so a code is accepted only once.
+func (s *server) checkTOTP(u *user, code string) error {
 	now, matched := s.now().Unix()/30, int64(-1)
 	for step := now - 1; step <= now+1; step++ {
 		if len(code) == 6 && subtle.ConstantTimeCompare([]byte(totpCode(u.TOTPSecret, step)), []byte(code)) == 1 {
 			matched = step
 		}
 	}
-	if matched <= u.TOTPStep {
-		return false, nil
-	}
 	_, err := s.db.updateUser(u.Username, false, func(cur *user) error {
-		if cur.TOTPSecret != u.TOTPSecret || matched <= cur.TOTPStep {
-			return errReplay
+		if matched <= cur.TOTPStep || cur.TOTPSecret != u.TOTPSecret {
+			return errBadLogin
 		}
 		cur.TOTPStep = matched
 		return nil
 	})
-	if errors.Is(err, errReplay) {
-		return false, nil
-	}
-	return err == nil, err
+	return err
 }
 
 // otpauthURL is the enrolment URL that authenticator apps read from the QR code.
