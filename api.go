@@ -205,12 +205,10 @@ func (s *server) loginUser(r *http.Request, req *loginReq) (any, error) {
 	return map[string]string{"jwt": s.issueJWT(u)}, nil
 }
 
-type listReq struct {
+func (s *server) listUsers(r *http.Request, req *struct {
 	adminReq
 	Tenant string `json:"tenant_name"`
-}
-
-func (s *server) listUsers(r *http.Request, req *listReq) (any, error) {
+}) (any, error) {
 	return s.db.listUsers(req.Tenant)
 }
 
@@ -233,12 +231,10 @@ func (s *server) revoke(revoked bool) func(*http.Request, *userReq) (any, error)
 	}
 }
 
-type qrReq struct {
+func (s *server) createQR(r *http.Request, req *struct {
 	userReq
 	Issuer string `json:"issuer"`
-}
-
-func (s *server) createQR(r *http.Request, req *qrReq) (any, error) {
+}) (any, error) {
 	u, err := s.db.getUser(req.Username)
 	if err == nil && (!u.TwoFactor || req.Issuer == "" || strings.Contains(req.Issuer, ":")) {
 		err = fmt.Errorf("%w: the user needs two_factor on, and issuer must be non-empty without ':'", errInvalid)
@@ -319,12 +315,10 @@ func numbers(b []byte) []int {
 
 var eventNameRE = regexp.MustCompile(`^[A-Za-z0-9_./-]{1,128}$`)
 
-type insertReq struct {
+func (s *server) insert(r *http.Request, req *struct {
 	Event string          `json:"event"`
 	Data  json.RawMessage `json:"data"`
-}
-
-func (s *server) insert(r *http.Request, req *insertReq) (any, error) {
+}) (any, error) {
 	u, _, err := s.authenticate(r)
 	if err != nil {
 		return nil, err
