@@ -1,7 +1,6 @@
 package main
 
 import (
-	"cmp"
 	"crypto/ed25519"
 	"crypto/sha256"
 	"crypto/subtle"
@@ -175,11 +174,16 @@ func (s *server) saveUser(create bool) func(*http.Request, *createReq) (any, err
 		if err == nil && req.Password != nil {
 			hash, err = s.hashPassword(r.Context(), *req.Password)
 		}
+		if err != nil { // refused before taking the database's write lock
+			return nil, err
+		}
 		var old user
 		u, err := s.db.updateUser(req.Username, create, func(u *user) error {
-			old, u.ID = *u, cmp.Or(u.ID, newID())
+			if old = *u; create {
+				u.ID = newID()
+			}
 			s.apply(u, req.userFields, hash)
-			return err
+			return nil
 		})
 		if err == nil && !create && (u.Tenant != old.Tenant || hash != "") {
 			s.hub.kick(u.Username) // streams of the old tenant, or opened with the old password, end
