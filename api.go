@@ -1,6 +1,9 @@
 package main
 
 import (
+	"bytes"
+	"cmp"
+	"context"
 	"crypto/ed25519"
 	"crypto/sha256"
 	"crypto/subtle"
@@ -12,8 +15,10 @@ import (
 	"io/fs"
 	"net/http"
 	"regexp"
+	"runtime/debug"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 )
 
@@ -22,7 +27,27 @@ var (
 	errInvalid      = errors.New("invalid request")
 	errUnauthorized = errors.New("unauthorized")
 	errNotFound     = errors.New("not found")
+	errTooLarge     = errors.New("too large")
 	errTooMany      = errors.New("too many requests")
+	errBusy         = errors.New("server busy")
+)
+
+// retryError is errTooMany or errBusy with the pause the client must wait (Retry-After).
+type retryError struct {
+	after time.Duration
+	err   error
+}
+
+func (e *retryError) Error() string { return e.err.Error() }
+func (e *retryError) Unwrap() error { return e.err }
+
+// access says who may call an endpoint.
+type access int
+
+const (
+	anyone   access = iota
+	admin           // with --admin_token in the body's admin_token
+	signedIn        // a user, by Authorization: Bearer or Basic, checked before the body is read
 )
 
 // routes returns broker's whole HTTP API.
@@ -31,33 +56,43 @@ func (s *server) routes() http.Handler {
 	mux.HandleFunc("GET /{$}", func(w http.ResponseWriter, r *http.Request) {
 		s.reply(w, http.StatusOK, map[string]string{"status": "ok"})
 	})
-	mux.HandleFunc("POST /create_user", handle(s, s.saveUser(true)))
-	mux.HandleFunc("POST /login", handle(s, s.loginUser))
-	mux.HandleFunc("POST /list_users", handle(s, s.listUsers))
-	mux.HandleFunc("POST /get_user", handle(s, s.getUser))
-	mux.HandleFunc("POST /update_user", handle(s, s.saveUser(false)))
-	mux.HandleFunc("POST /revoke_user", handle(s, s.revoke(true)))
-	mux.HandleFunc("POST /unrevoke_user", handle(s, s.revoke(false)))
-	mux.HandleFunc("POST /create_qr", handle(s, s.createQR))
-	mux.HandleFunc("POST /create_totp", handle(s, s.createTOTP))
-	mux.HandleFunc("POST /password_reset", handle(s, s.passwordReset))
-	mux.HandleFunc("POST /insert", handle(s, s.insert))
-	mux.HandleFunc("GET /verify", handle(s, s.verify))
-	mux.HandleFunc("GET /sse", s.handleSSE)
-	mux.HandleFunc("POST /backup", s.handleBackup)
+	mux.HandleFunc("POST /create_user", handle(s, admin, s.createUser))
+	mux.HandleFunc("POST /login", handle(s, anyone, s.loginUser))
+	mux.HandleFunc("POST /list_users", handle(s, admin, s.listUsers))
+	mux.HandleFunc("POST /get_user", handle(s, admin, s.getUser))
+	mux.HandleFunc("POST /update_user", handle(s, admin, s.updateUser))
+	mux.HandleFunc("POST /revoke_user", handle(s, admin, s.revokeUser))
+	mux.HandleFunc("POST /unrevoke_user", handle(s, admin, s.unrevokeUser))
+	mux.HandleFunc("POST /create_qr", handle(s, admin, s.createQR))
+	mux.HandleFunc("POST /create_totp", handle(s, admin, s.createTOTP))
+	mux.HandleFunc("POST /password_reset", handle(s, anyone, s.passwordReset))
+	mux.HandleFunc("POST /insert", handle(s, signedIn, s.insert))
+	mux.HandleFunc("GET /verify", handle(s, signedIn, s.verify))
+	mux.HandleFunc("GET /sse", s.handleSSE) // signed in, by a header or ?access_token=
+	mux.HandleFunc("POST /backup", handle(s, admin, s.backup))
 	mux.Handle("GET /admin/", console())
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) { s.fail(w, r, errNotFound) })
-	return s.cors(mux)
+	return s.common(mux)
 }
 
-// cors answers preflights and marks every answer with the allowed origin (CONTRACT §5).
-func (s *server) cors(next http.Handler) http.Handler {
+// common answers CORS preflights, marks every answer with the allowed origin (CONTRACT §5)
+// and, with --secure, HSTS, and answers a request that panicked with 500: what it held is
+// released by its deferred calls, and the server goes on.
+func (s *server) common(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		defer func() {
+			if v := recover(); v != nil && v != http.ErrAbortHandler {
+				s.fail(w, r, fmt.Errorf("panic: %v\n%s", v, debug.Stack()))
+			}
+		}()
 		h := w.Header()
 		h.Set("Access-Control-Allow-Origin", s.cfg.origin)
 		h.Set("X-Content-Type-Options", "nosniff")
 		if s.cfg.origin != "*" {
 			h.Set("Vary", "Origin")
+		}
+		if s.cfg.secure {
+			h.Set("Strict-Transport-Security", "max-age=31536000")
 		}
 		if r.Method == http.MethodOptions {
 			h.Set("Access-Control-Allow-Methods", "GET, POST, HEAD")
@@ -70,15 +105,25 @@ func (s *server) cors(next http.Handler) http.Handler {
 	})
 }
 
-// adminReq is embedded in the requests of admin endpoints; handle checks its token.
+// adminReq is embedded in the requests of admin endpoints.
 type adminReq struct {
 	AdminToken string `json:"admin_token"`
 }
 
-// checkAdmin compares the token with --admin_token through SHA-256 digests, so the
-// comparison takes the same time whatever the token's length or content.
-func (a *adminReq) checkAdmin(s *server) error {
-	if got := sha256.Sum256([]byte(a.AdminToken)); subtle.ConstantTimeCompare(got[:], s.adminHash[:]) != 1 {
+func (a *adminReq) token() string { return a.AdminToken }
+
+// checkAdmin compares token with --admin_token through SHA-256 digests, so the comparison
+// takes the same time whatever the token's length or content. Wrong tokens are throttled
+// per client address like logins, and logged.
+func (s *server) checkAdmin(r *http.Request, token string) error {
+	end, err := s.throttle.begin(s.now(), addrKey("admin", r))
+	if err != nil {
+		return err
+	}
+	got := sha256.Sum256([]byte(token))
+	wrong := subtle.ConstantTimeCompare(got[:], s.adminHash[:]) != 1
+	if end(wrong); wrong {
+		s.log.Warn("wrong admin token", "addr", clientAddr(r), "path", r.URL.Path)
 		return fmt.Errorf("%w: wrong admin token", errUnauthorized)
 	}
 	return nil
@@ -90,36 +135,138 @@ type userReq struct {
 	Username string `json:"username"`
 }
 
-// handle is the one shape of a JSON endpoint: decode the body into a T (at most 1 MiB, no
-// unknown fields, no trailing data), check the admin token when T embeds adminReq, act,
-// and answer the result as JSON, or the error.
-func handle[T any](s *server, act func(r *http.Request, req *T) (any, error)) http.HandlerFunc {
+// caller is the signed-in user of a request and the expiry of its credentials (unix).
+type caller struct {
+	*user
+	exp int64
+}
+
+// download is an answer that writes itself (the backup).
+type download func(http.ResponseWriter)
+
+const maxBody = 1 << 20 // bytes of a request body
+
+// handle is the one shape of a JSON endpoint: check who calls (a signed-in user before the
+// body is read, so anonymous clients cannot hold the body budget of inserts), take the
+// body's bytes from the budget, decode it into a T, check the admin token, act, and answer
+// the result as JSON, or the error.
+func handle[T any](s *server, who access, act func(r *http.Request, c caller, req *T) (any, error)) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
-		req := new(T)
-		dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, 1<<20))
-		dec.DisallowUnknownFields()
+		var c caller
 		var err error
-		if r.Method != http.MethodGet { // GET /verify has no body
-			err = dec.Decode(req)
+		if who == signedIn {
+			c.user, c.exp, err = s.authenticate(r)
 		}
-		if err == nil && r.Method != http.MethodGet && dec.Decode(&struct{}{}) != io.EOF {
-			err = errors.New("unexpected data after the JSON object")
+		req := new(T)
+		if err == nil && r.Method == http.MethodPost {
+			var release func()
+			if release, err = s.bodies.take(r.Context(), int64(min(uint64(r.ContentLength), maxBody))); err == nil {
+				defer release()
+				err = readJSON(w, r, req)
+			}
 		}
-		var tooBig *http.MaxBytesError
-		if err != nil && !errors.As(err, &tooBig) {
-			err = fmt.Errorf("%w: %s", errInvalid, strings.TrimPrefix(err.Error(), "json: "))
-		}
-		if a, ok := any(req).(interface{ checkAdmin(*server) error }); ok && err == nil {
-			err = a.checkAdmin(s)
+		if err == nil && who == admin {
+			err = s.checkAdmin(r, any(req).(interface{ token() string }).token())
 		}
 		var out any
 		if err == nil {
-			out, err = act(r, req)
+			out, err = act(r, c, req)
 		}
-		if err != nil {
+		if d, ok := out.(download); ok && err == nil {
+			d(w)
+		} else if err != nil {
 			s.fail(w, r, err)
-		} else if out != nil { // nil: act has answered itself
+		} else {
 			s.reply(w, http.StatusOK, out)
+		}
+	}
+}
+
+// readJSON reads a request body of at most maxBody bytes and decodes it into v.
+func readJSON(w http.ResponseWriter, r *http.Request, v any) error {
+	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxBody))
+	var tooBig *http.MaxBytesError
+	if errors.As(err, &tooBig) {
+		return fmt.Errorf("%w: request body over %d bytes", errTooLarge, maxBody)
+	} else if err != nil {
+		return fmt.Errorf("%w: reading the body: %v", errInvalid, err)
+	}
+	return decodeJSON(body, v)
+}
+
+// decodeJSON decodes the JSON object raw into v, refusing unknown keys and data after the
+// object, and what encoding/json would let pass: a repeated key (it keeps the last) and a
+// key in another case (it matches keys to fields regardless of case; every key broker
+// reads is lower case). Errors name JSON fields, never Go types.
+func decodeJSON(raw []byte, v any) error {
+	keys, seen := json.NewDecoder(bytes.NewReader(raw)), map[string]bool{}
+	open, err := keys.Token()
+	for err == nil && open == json.Delim('{') && keys.More() {
+		var t json.Token
+		if t, err = keys.Token(); err == nil {
+			k, _ := t.(string)
+			if seen[k] || k != strings.ToLower(k) {
+				return fmt.Errorf("%w: repeated or unknown field %q", errInvalid, k)
+			}
+			seen[k] = true
+			err = keys.Decode(new(anyJSON))
+		}
+	}
+	dec := json.NewDecoder(bytes.NewReader(raw))
+	dec.DisallowUnknownFields()
+	err = dec.Decode(v)
+	if err == nil && dec.Decode(new(anyJSON)) != io.EOF {
+		err = errors.New("unexpected data after the JSON object")
+	}
+	var typeErr *json.UnmarshalTypeError
+	if errors.As(err, &typeErr) {
+		return fmt.Errorf("%w: %s has the wrong JSON type", errInvalid, cmp.Or(strconv.Quote(typeErr.Field), "the body"))
+	} else if err != nil {
+		return fmt.Errorf("%w: %s", errInvalid, strings.TrimPrefix(err.Error(), "json: "))
+	}
+	return nil
+}
+
+// anyJSON is any JSON value, read and dropped.
+type anyJSON struct{}
+
+func (*anyJSON) UnmarshalJSON([]byte) error { return nil }
+
+// budget bounds the bytes of request bodies held at once, with their decoded copies: a
+// request waits up to 5 s for its share, then is answered 503.
+type budget struct {
+	mu    sync.Mutex // guards free and freed
+	free  int64
+	freed chan struct{} // closed when bytes are given back
+}
+
+const bodyBudget = 32 << 20
+
+// take takes n bytes from the budget and returns the function that gives them back.
+func (b *budget) take(ctx context.Context, n int64) (func(), error) {
+	timeout := time.NewTimer(5 * time.Second)
+	defer timeout.Stop()
+	for {
+		b.mu.Lock()
+		if n <= b.free {
+			b.free -= n
+			b.mu.Unlock()
+			return func() {
+				b.mu.Lock()
+				defer b.mu.Unlock()
+				b.free += n
+				close(b.freed)
+				b.freed = make(chan struct{})
+			}, nil
+		}
+		freed := b.freed
+		b.mu.Unlock()
+		select {
+		case <-freed:
+		case <-timeout.C:
+			return nil, &retryError{after: time.Second, err: fmt.Errorf("%w: too many large requests at once", errBusy)}
+		case <-ctx.Done():
+			return nil, ctx.Err()
 		}
 	}
 }
@@ -141,16 +288,13 @@ func (s *server) reply(w http.ResponseWriter, status int, v any) {
 // reach the client only as "internal error".
 func (s *server) fail(w http.ResponseWriter, r *http.Request, err error) {
 	status, msg := http.StatusInternalServerError, "internal error"
-	for code, sentinel := range map[int]error{400: errInvalid, 401: errUnauthorized, 404: errNotFound, 429: errTooMany} {
+	for code, sentinel := range map[int]error{400: errInvalid, 401: errUnauthorized, 404: errNotFound, 413: errTooLarge, 429: errTooMany, 503: errBusy} {
 		if errors.Is(err, sentinel) {
 			status, msg = code, err.Error()
 		}
 	}
-	var tooBig *http.MaxBytesError
 	var retry *retryError
-	if errors.As(err, &tooBig) {
-		status, msg = http.StatusRequestEntityTooLarge, "request body too large"
-	} else if errors.As(err, &retry) {
+	if errors.As(err, &retry) {
 		w.Header().Set("Retry-After", strconv.Itoa(int(retry.after.Seconds()+0.999)))
 	} else if status == http.StatusInternalServerError {
 		s.log.Error("request failed", "method", r.Method, "path", r.URL.Path, "err", err)
@@ -163,85 +307,116 @@ type createReq struct {
 	userFields
 }
 
-// saveUser creates a user, or updates one: absent fields stay as they are.
-func (s *server) saveUser(create bool) func(*http.Request, *createReq) (any, error) {
-	return func(r *http.Request, req *createReq) (any, error) {
-		if create && (req.Password == nil || req.Tenant == nil) {
-			return nil, fmt.Errorf("%w: username, password and tenant_name are required", errInvalid)
-		}
-		err := s.validate(req.Username, req.userFields)
-		hash := ""
-		if err == nil && req.Password != nil {
-			hash, err = s.hashPassword(r.Context(), *req.Password)
-		}
-		if err != nil { // refused before taking the database's write lock
-			return nil, err
-		}
-		var old user
-		u, err := s.db.updateUser(req.Username, create, func(u *user) error {
-			if old = *u; create {
-				u.ID = newID()
-			}
-			s.apply(u, req.userFields, hash)
-			return nil
-		})
-		if err == nil && !create && (u.Tenant != old.Tenant || hash != "") {
-			s.hub.kick(u.Username) // streams of the old tenant, or opened with the old password, end
-		}
-		if create && err == nil {
-			return map[string]string{"id": u.ID}, nil
-		}
-		return u, err
+func (s *server) createUser(r *http.Request, _ caller, req *createReq) (any, error) {
+	if req.Password == nil || req.Tenant == nil {
+		return nil, fmt.Errorf("%w: username, password and tenant_name are required", errInvalid)
 	}
+	hash, err := s.checkUser(r.Context(), req)
+	if err != nil {
+		return nil, err
+	}
+	u, err := s.db.updateUser(req.Username, true, func(u *user) error {
+		u.ID = newID()
+		s.apply(u, req.userFields, hash)
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	return map[string]string{"id": u.ID}, nil
+}
+
+// updateUser changes the given fields; absent fields stay as they are.
+func (s *server) updateUser(r *http.Request, _ caller, req *createReq) (any, error) {
+	hash, err := s.checkUser(r.Context(), req)
+	if err != nil {
+		return nil, err
+	}
+	var old user
+	u, err := s.db.updateUser(req.Username, false, func(u *user) error {
+		old = *u
+		s.apply(u, req.userFields, hash)
+		return nil
+	})
+	if err == nil && (u.Tenant != old.Tenant || u.NotBefore != old.NotBefore) {
+		s.hub.kick(u.Username) // streams of the old tenant, or of ended tokens, end
+	}
+	return u, err
+}
+
+// checkUser validates the fields of a create or update and hashes a new password, before
+// the database's write lock is taken.
+func (s *server) checkUser(ctx context.Context, req *createReq) (hash string, err error) {
+	err = s.validate(ctx, req.Username, req.userFields)
+	if err == nil && req.Password != nil {
+		hash, err = s.hashPassword(ctx, *req.Password)
+	}
+	return hash, err
 }
 
 type loginReq struct {
-	Username string `json:"username"`
-	Password string `json:"password"`
-	TOTP     string `json:"totp"`
+	Username string  `json:"username"`
+	Password *string `json:"password"`
+	TOTP     string  `json:"totp"`
 }
 
-func (s *server) loginUser(r *http.Request, req *loginReq) (any, error) {
-	u, err := s.login(r, req.Username, req.Password, &req.TOTP)
+func (s *server) loginUser(r *http.Request, _ caller, req *loginReq) (any, error) {
+	if req.Password == nil {
+		return nil, fmt.Errorf("%w: username and password are required", errInvalid)
+	}
+	u, err := s.login(r, req.Username, *req.Password, &req.TOTP)
 	if err != nil {
 		return nil, err
 	}
 	return map[string]string{"jwt": s.issueJWT(u)}, nil
 }
 
-func (s *server) listUsers(r *http.Request, req *struct {
+func (s *server) listUsers(r *http.Request, _ caller, req *struct {
 	adminReq
 	Tenant string `json:"tenant_name"`
 }) (any, error) {
 	return s.db.listUsers(req.Tenant)
 }
 
-func (s *server) getUser(r *http.Request, req *userReq) (any, error) {
+func (s *server) getUser(r *http.Request, _ caller, req *userReq) (any, error) {
 	return s.db.getUser(req.Username)
 }
 
-func (s *server) revoke(revoked bool) func(*http.Request, *userReq) (any, error) {
-	return func(r *http.Request, req *userReq) (any, error) {
-		_, err := s.db.updateUser(req.Username, false, func(u *user) error {
-			if u.Revoked = revoked; revoked {
-				u.endTokens(s.now()) // tokens issued before stay dead after an unrevoke
-			}
-			return nil
-		})
-		if revoked && err == nil {
-			s.hub.kick(req.Username)
-		}
-		return struct{}{}, err
+// revokeUser refuses the user's logins, ends its tokens and streams.
+func (s *server) revokeUser(r *http.Request, _ caller, req *userReq) (any, error) {
+	_, err := s.db.updateUser(req.Username, false, func(u *user) error {
+		u.Revoked = true
+		u.endTokens(s.now()) // tokens issued before stay dead after an unrevoke
+		return nil
+	})
+	if err == nil {
+		s.hub.kick(req.Username)
 	}
+	return struct{}{}, err
 }
 
-func (s *server) createQR(r *http.Request, req *struct {
+// unrevokeUser lets the user log in again, and clears its lockout.
+func (s *server) unrevokeUser(r *http.Request, _ caller, req *userReq) (any, error) {
+	_, err := s.db.updateUser(req.Username, false, func(u *user) error {
+		u.Revoked = false
+		return nil
+	})
+	if err == nil {
+		s.throttle.clear(accountKey("login", req.Username), accountKey("reset", req.Username))
+	}
+	return struct{}{}, err
+}
+
+func (s *server) createQR(r *http.Request, _ caller, req *struct {
 	userReq
 	Issuer string `json:"issuer"`
 }) (any, error) {
+	if !validName(req.Issuer, false) || strings.Contains(req.Issuer, ":") {
+		return nil, fmt.Errorf("%w: issuer must be 1-64 characters without ':'", errInvalid)
+	}
 	u, err := s.db.getUser(req.Username)
-	if err == nil && (!u.TwoFactor || req.Issuer == "" || strings.Contains(req.Issuer, ":")) {
-		err = fmt.Errorf("%w: the user needs two_factor on, and issuer must be non-empty without ':'", errInvalid)
+	if err == nil && !u.TwoFactor {
+		err = fmt.Errorf("%w: the user needs two_factor on", errInvalid)
 	}
 	if err != nil {
 		return nil, err
@@ -250,62 +425,82 @@ func (s *server) createQR(r *http.Request, req *struct {
 	return map[string][]byte{"qr": png}, err
 }
 
-// createTOTP answers the reset code and, beside the contract's field, its expiry (unix).
-func (s *server) createTOTP(r *http.Request, req *userReq) (any, error) {
+// createTOTP answers a password-reset code and, beside the contract's field, its expiry
+// (unix). It clears the user's lockout, so an attacker's guesses cannot block the reset.
+func (s *server) createTOTP(r *http.Request, _ caller, req *userReq) (any, error) {
 	code, expiry := newResetCode(), s.now().Unix()+s.cfg.totpDuration
 	_, err := s.db.updateUser(req.Username, false, func(u *user) error {
 		u.ResetCode, u.ResetExpiry = hashCode(code), expiry
 		return nil
 	})
+	if err == nil {
+		s.throttle.clear(accountKey("login", req.Username), accountKey("reset", req.Username))
+	}
 	return map[string]any{"totp": code, "expiry": expiry}, err
 }
 
 var errBadCode = fmt.Errorf("%w: invalid or expired code", errUnauthorized)
 
-// passwordReset checks the new password first (a weak one changes nothing and leaves the
-// code usable) and hashes it outside the transaction that consumes the code and sets it.
-func (s *server) passwordReset(r *http.Request, req *loginReq) (any, error) {
-	keys := []string{"user:" + req.Username, "addr:" + clientAddr(r)}
-	err := s.throttle.check(s.now(), keys...)
-	if err == nil {
-		err = s.checkPassword(req.Password, req.Username, "")
+// passwordReset checks the code first, under the throttle of reset codes (not of logins,
+// so a locked login does not block a reset), then the new password (a weak one changes
+// nothing and leaves the code usable), and hashes it outside the transaction that
+// consumes the code and sets it.
+func (s *server) passwordReset(r *http.Request, _ caller, req *struct {
+	Username string  `json:"username"`
+	TOTP     *string `json:"totp"`
+	Password *string `json:"password"`
+}) (any, error) {
+	if !validName(req.Username, true) || req.TOTP == nil || req.Password == nil {
+		return nil, fmt.Errorf("%w: username, totp and password are required", errInvalid)
 	}
+	keys := []tkey{accountKey("reset", req.Username), addrKey("login", r)}
+	end, err := s.throttle.begin(s.now(), keys...)
+	if err != nil {
+		return nil, err
+	}
+	u, err := s.db.getUser(req.Username)
+	ok := err == nil && validResetCode(u, *req.TOTP, s.now())
+	if end(!ok && (err == nil || errors.Is(err, errNotFound))); !ok {
+		return nil, cmp.Or(ignoreNotFound(err), errBadCode)
+	}
+	err = s.checkPassword(r.Context(), *req.Password, u.Username, deref(u.Email))
 	hash := ""
 	if err == nil {
-		hash, err = s.hashPassword(r.Context(), req.Password)
+		hash, err = s.hashPassword(r.Context(), *req.Password)
 	}
 	if err == nil {
 		_, err = s.db.updateUser(req.Username, false, func(u *user) error {
-			if !useResetCode(u, req.TOTP, s.now()) {
-				return errBadCode
+			if !validResetCode(u, *req.TOTP, s.now()) {
+				return errBadCode // used meanwhile
 			}
+			u.ResetCode, u.ResetExpiry = "", 0
 			s.apply(u, userFields{}, hash)
 			return nil
 		})
 	}
-	if errors.Is(err, errBadCode) || errors.Is(err, errNotFound) {
-		s.throttle.fail(s.now(), keys...)
-		return nil, errBadCode
-	} else if err == nil {
-		s.throttle.succeed(req.Username)
+	if err == nil {
+		s.throttle.clear(keys[0], accountKey("login", req.Username))
 		s.hub.kick(req.Username)
 	}
 	return struct{}{}, err
 }
 
-func (s *server) verify(r *http.Request, _ *struct{}) (any, error) {
-	u, exp, err := s.authenticate(r)
-	var tok []byte
-	if err == nil {
-		tok, err = mintBiscuit(s.rootKey, u, time.Unix(exp, 0))
+func ignoreNotFound(err error) error {
+	if errors.Is(err, errNotFound) {
+		return nil
 	}
+	return err
+}
+
+func (s *server) verify(r *http.Request, c caller, _ *struct{}) (any, error) {
+	tok, err := mintBiscuit(s.rootKey, c.user, time.Unix(c.exp, 0))
 	if err != nil {
 		return nil, err
 	}
 	// key and token are arrays of numbers, as the original broker answered them.
 	return map[string]any{
 		"key": numbers(s.rootKey.Public().(ed25519.PublicKey)), "token": numbers(tok),
-		"expiry": exp, "username": u.Username, "scopes": append([]string{}, u.Scopes...),
+		"expiry": c.exp, "username": c.Username, "scopes": append([]string{}, c.Scopes...),
 	}, nil
 }
 
@@ -319,14 +514,10 @@ func numbers(b []byte) []int {
 
 var eventNameRE = regexp.MustCompile(`^[A-Za-z0-9_./-]{1,128}$`)
 
-func (s *server) insert(r *http.Request, req *struct {
+func (s *server) insert(r *http.Request, c caller, req *struct {
 	Event string          `json:"event"`
 	Data  json.RawMessage `json:"data"`
 }) (any, error) {
-	u, _, err := s.authenticate(r)
-	if err != nil {
-		return nil, err
-	}
 	if !eventNameRE.MatchString(req.Event) {
 		return nil, fmt.Errorf("%w: event must be 1-128 ASCII letters, digits or _ - . /", errInvalid)
 	}
@@ -334,7 +525,7 @@ func (s *server) insert(r *http.Request, req *struct {
 	if err != nil {
 		return nil, err
 	}
-	id, err := s.hub.insert(&event{Tenant: u.Tenant, Name: req.Event, Data: data})
+	id, err := s.hub.insert(&event{Tenant: c.Tenant, Name: req.Event, Data: data})
 	return map[string]uint64{"id": id}, err
 }
 
@@ -356,15 +547,33 @@ func console() http.Handler {
 	})
 }
 
-// handleBackup streams a consistent snapshot of the live database.
-func (s *server) handleBackup(w http.ResponseWriter, r *http.Request) {
-	handle(s, func(r *http.Request, req *adminReq) (any, error) {
-		w.Header().Set("Content-Type", "application/octet-stream")
-		w.Header().Set("Content-Disposition", `attachment; filename="broker.db"`)
-		if err := s.db.backup(w); err != nil {
-			// The status line is gone: the client sees a short download, the log says why.
-			s.log.Error("backup failed", "err", err)
+// backup answers a consistent snapshot of the live database. It is copied to a
+// temporary file first, so a slow download does not hold the database's read transaction
+// (which would stall inserts that grow the file); a download that stops reading for
+// writeTimeout is abandoned.
+func (s *server) backup(r *http.Request, _ caller, _ *adminReq) (any, error) {
+	f, size, err := s.db.snapshot()
+	if err != nil {
+		return nil, err
+	}
+	return download(func(w http.ResponseWriter) {
+		defer f.Close()
+		h := w.Header()
+		h.Set("Content-Type", "application/octet-stream")
+		h.Set("Content-Disposition", `attachment; filename="broker.db"`)
+		h.Set("Content-Length", strconv.FormatInt(size, 10))
+		h.Set("Cache-Control", "no-store")
+		rc := http.NewResponseController(w)
+		for buf := make([]byte, 64<<10); ; {
+			n, err := f.Read(buf)
+			if err == nil {
+				rc.SetWriteDeadline(time.Now().Add(writeTimeout))
+				_, err = w.Write(buf[:n])
+			}
+			if err != nil {
+				rc.SetWriteDeadline(time.Time{})
+				return // io.EOF, or the status line is gone: the client sees a short download
+			}
 		}
-		return nil, nil
-	})(w, r)
+	}), nil
 }

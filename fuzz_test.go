@@ -63,11 +63,12 @@ func FuzzParseBasic(f *testing.F) {
 // FuzzDecodeRequest: the request decoder of every JSON endpoint answers any body with 200
 // (a valid object) or a JSON 400/401/413, never anything else.
 func FuzzDecodeRequest(f *testing.F) {
-	s := &server{log: slog.New(slog.NewTextHandler(io.Discard, nil)), adminHash: sha256.Sum256([]byte("letmein"))}
-	h := handle(s, func(r *http.Request, req *createReq) (any, error) { return req, nil })
+	s := &server{log: slog.New(slog.NewTextHandler(io.Discard, nil)), adminHash: sha256.Sum256([]byte("letmein")), now: time.Now,
+		throttle: &throttle{maxKeys: 10, strikes: map[tkey]strike{}}, bodies: &budget{free: bodyBudget, freed: make(chan struct{})}}
+	h := handle(s, admin, func(r *http.Request, _ caller, req *createReq) (any, error) { return req, nil })
 	for _, b := range []string{`{"admin_token":"letmein","username":"a","password":"b","tenant_name":"t"}`, `{}`, `{"a":1}{}`,
 		`{"admin_token":"letmein"} x`, strings.Repeat("[", 10001), "\xff", `{"admin_token":"letmein","data":{"x":[1,2,{"y":null}]}}`,
-		`{"admin_token":"letmein","scopes":"x"}`, `{"ADMIN_TOKEN":"letmein"}`} {
+		`{"admin_token":"letmein","scopes":"x"}`, `{"ADMIN_TOKEN":"letmein"}`, `{"admin_token":"letmein","username":"a","username":"b"}`} {
 		f.Add([]byte(b))
 	}
 	f.Fuzz(func(t *testing.T, body []byte) {
@@ -78,7 +79,7 @@ func FuzzDecodeRequest(f *testing.F) {
 			if !json.Valid(body) && !json.Valid(bytes.TrimSpace(body)) {
 				t.Fatalf("accepted invalid JSON %q", body)
 			}
-		case 400, 401, 413:
+		case 400, 401, 413, 429: // 429: wrong admin tokens are throttled
 			var e struct{ Error string }
 			if json.Unmarshal(w.Body.Bytes(), &e) != nil || e.Error == "" {
 				t.Fatalf("error answer %q is not {\"error\": ...}", w.Body)
@@ -135,7 +136,7 @@ func FuzzFrame(f *testing.F) {
 			}
 			return
 		}
-		fr := string(frame(&event{Name: name, Data: data, ID: id}))
+		fr := string(appendFrame(nil, id, []byte(name), data))
 		if strings.ContainsAny(fr, "\r") || strings.IndexFunc(fr, func(r rune) bool { return r > 127 }) >= 0 {
 			t.Fatalf("frame %q has CR or non-ASCII", fr)
 		}

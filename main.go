@@ -18,6 +18,7 @@ import (
 	"os"
 	"os/signal"
 	"runtime/debug"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"syscall"
@@ -40,9 +41,10 @@ func version() string {
 type config struct {
 	port, httpPort, httpsPort, maxStreams, maxUserStreams int
 	jwtExpiry, totpDuration                               int64
-	origin, jwtSecret, adminToken, domain, certs          string
+	origin, jwtSecret, adminToken, domain, certs, host    string
 	keyPath, certPath, acmeDirectory, db, ntpServer       string
 	secure, autoCert, passwordChecker, showVersion        bool
+	heartbeat                                             time.Duration
 }
 
 func main() {
@@ -58,6 +60,7 @@ func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (c
 	var c config
 	fs := flag.NewFlagSet("broker", flag.ContinueOnError)
 	fs.SetOutput(stderr)
+	fs.StringVar(&c.host, "host", "", "address to listen on (default every interface; loopback only while the default secrets are in use)")
 	fs.IntVar(&c.port, "port", 8080, "HTTP port when not --secure")
 	fs.StringVar(&c.origin, "origin", "*", "allowed CORS origin")
 	fs.Int64Var(&c.jwtExpiry, "jwt_expiry", 86400, "JWT lifetime, seconds")
@@ -78,6 +81,7 @@ func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (c
 	fs.StringVar(&c.ntpServer, "ntp_server", "pool.ntp.org", "NTP server of the clock for JWT expiry and TOTP; empty: the local clock")
 	fs.IntVar(&c.maxStreams, "max_streams", 100000, "most event streams open at once (the file limit, ulimit -n, bounds it too)")
 	fs.IntVar(&c.maxUserStreams, "max_user_streams", 1000, "most event streams open at once per user")
+	fs.DurationVar(&c.heartbeat, "heartbeat", 30*time.Second, "silence after which a stream gets a keep-alive")
 	fs.BoolVar(&c.showVersion, "version", false, "print the version and exit")
 	var err error
 	fs.VisitAll(func(f *flag.Flag) {
@@ -95,12 +99,14 @@ func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (c
 	switch {
 	case err != nil:
 		return c, err
-	case c.secure && (c.jwtSecret == "secret" || c.adminToken == "letmein"):
-		return c, errors.New("--secure needs your own --jwt_secret and --admin_token: the defaults are public")
+	case c.jwtSecret == "" || c.adminToken == "":
+		return c, errors.New("--jwt_secret and --admin_token must not be empty")
+	case c.secure && (len(c.jwtSecret) < 32 || len(c.adminToken) < 16):
+		return c, errors.New("--secure needs your own --jwt_secret of at least 32 bytes and --admin_token of at least 16 (the defaults are public)")
 	case c.secure && c.autoCert && c.domain == "":
 		return c, errors.New("--secure with --auto_cert needs --domain")
-	case c.jwtExpiry <= 0 || c.totpDuration <= 0 || c.maxStreams <= 0 || c.maxUserStreams <= 0:
-		return c, errors.New("--jwt_expiry, --totp_duration, --max_streams and --max_user_streams must be positive")
+	case c.jwtExpiry <= 0 || c.totpDuration <= 0 || c.maxStreams <= 0 || c.maxUserStreams <= 0 || c.heartbeat <= 0:
+		return c, errors.New("--jwt_expiry, --totp_duration, --max_streams, --max_user_streams and --heartbeat must be positive")
 	}
 	return c, nil
 }
@@ -118,10 +124,16 @@ type server struct {
 	dummyHash string        // hashed for unknown users, so they cost as much as known ones
 	hashSlots chan struct{} // bounds concurrent argon2 hashes (19 MiB each)
 	throttle  *throttle
+	bodies    *budget
 }
 
 // newServer opens the database in cfg.db and builds the server around it.
-func newServer(cfg config, log *slog.Logger, now func() time.Time) (*server, error) {
+func newServer(cfg config, log *slog.Logger, now func() time.Time) (_ *server, err error) {
+	defer func() { // bbolt panics on some corrupt pages
+		if v := recover(); v != nil {
+			err = fmt.Errorf("store: the database in %s is corrupt (%v): restore a backup", cfg.db, v)
+		}
+	}()
 	db, err := openStore(cfg.db)
 	if err != nil {
 		return nil, err
@@ -129,9 +141,10 @@ func newServer(cfg config, log *slog.Logger, now func() time.Time) (*server, err
 	s := &server{
 		cfg: cfg, db: db, log: log, now: now, jwtKey: []byte(cfg.jwtSecret),
 		adminHash: sha256.Sum256([]byte(cfg.adminToken)), hashSlots: make(chan struct{}, 4),
-		throttle: &throttle{max: 100_000, strikes: map[string]strike{}},
+		throttle: &throttle{maxKeys: throttleKeys, strikes: map[tkey]strike{}},
+		bodies:   &budget{free: bodyBudget, freed: make(chan struct{})},
 	}
-	s.hub, err = newHub(db, log, cfg.maxStreams, cfg.maxUserStreams)
+	s.hub, err = newHub(db, log, cfg)
 	if err == nil {
 		s.rootKey, err = db.rootKey()
 	}
@@ -164,7 +177,9 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 	}
 	log := slog.New(slog.NewTextHandler(stderr, nil))
 	if cfg.jwtSecret == "secret" || cfg.adminToken == "letmein" {
-		log.Warn("running with the default --jwt_secret or --admin_token: anyone can forge tokens or manage users; set your own before exposing broker")
+		// Any web page its user visits could drive a reachable instance with public secrets.
+		cfg.host = "127.0.0.1"
+		log.Warn("the default --jwt_secret or --admin_token is in use: anyone could forge tokens or manage users, so broker listens on loopback only; set your own to listen on --host")
 	}
 	var offset atomic.Int64 // of the NTP clock, nanoseconds
 	if cfg.ntpServer != "" {
@@ -186,7 +201,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 	errc := make(chan error, 2)
 	if cfg.secure {
 		err = s.serveTLS(srv, errc)
-	} else if ln, lerr := net.Listen("tcp", fmt.Sprintf(":%d", cfg.port)); lerr == nil {
+	} else if ln, lerr := net.Listen("tcp", net.JoinHostPort(cfg.host, strconv.Itoa(cfg.port))); lerr == nil {
 		log.Info("broker listening", "addr", ln.Addr().String(), "version", version())
 		go func() { errc <- srv.Serve(ln) }()
 	} else {
@@ -206,16 +221,23 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 	return errors.Join(err, s.close())
 }
 
-// syncClock measures the offset to the NTP server now and every hour. Without an answer
-// the last offset stays in use (at first none: the local clock).
+// maxClockOffset bounds the NTP offset broker applies: a larger one is more likely a
+// spoofed or broken answer than a clock that far off, and would expire every token.
+const maxClockOffset = 5 * time.Minute
+
+// syncClock measures the offset to the NTP server now and every hour. Without a plausible
+// answer the last good offset stays in use (at first none: the local clock).
 func syncClock(ctx context.Context, server string, offset *atomic.Int64, log *slog.Logger) {
 	for {
 		resp, err := ntp.QueryWithOptions(server, ntp.QueryOptions{Timeout: 5 * time.Second})
 		if err == nil {
 			err = resp.Validate()
 		}
+		if err == nil && resp.ClockOffset.Abs() > maxClockOffset {
+			err = fmt.Errorf("offset %s is over %s: refused", resp.ClockOffset, maxClockOffset)
+		}
 		if err != nil {
-			log.Warn("ntp unreachable, keeping the current clock", "server", server, "err", err)
+			log.Warn("no usable ntp answer, keeping the current clock", "server", server, "err", err)
 		} else {
 			offset.Store(int64(resp.ClockOffset))
 			log.Info("ntp clock offset", "server", server, "offset", resp.ClockOffset)

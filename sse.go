@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"os"
 	"runtime"
+	"slices"
 	"strconv"
 	"sync"
 	"syscall"
@@ -33,6 +34,7 @@ type hub struct {
 	db                         *store
 	log                        *slog.Logger
 	maxStreams, maxUserStreams int
+	heartbeat, sweepEvery      time.Duration
 	inserts                    chan *commitReq
 	work                       chan *subscriber // subscribers with something to write, each once
 	stop                       chan struct{}
@@ -46,9 +48,10 @@ type hub struct {
 }
 
 const (
-	maxPending   = 256 << 10        // bytes a subscriber may fall behind before it is dropped
-	writeTimeout = 5 * time.Second  // a write that takes longer ends the stream
-	heartbeat    = 30 * time.Second // silence after which a comment line is sent
+	maxPending   = 256 << 10       // bytes a subscriber may fall behind before it is dropped
+	maxPage      = 256 << 10       // bytes of backlog read at once
+	maxEventData = 64 << 10        // bytes of an event's data, as stored and sent
+	writeTimeout = 5 * time.Second // a write that takes longer ends the stream
 )
 
 type commitReq struct {
@@ -56,18 +59,19 @@ type commitReq struct {
 	done chan error
 }
 
-func newHub(db *store, log *slog.Logger, maxStreams, maxUserStreams int) (*hub, error) {
+func newHub(db *store, log *slog.Logger, cfg config) (*hub, error) {
 	seqs, err := db.sequences()
 	h := &hub{
-		db: db, log: log, maxStreams: maxStreams, maxUserStreams: maxUserStreams,
-		inserts: make(chan *commitReq, 1000), work: make(chan *subscriber, maxStreams), stop: make(chan struct{}),
+		db: db, log: log, maxStreams: cfg.maxStreams, maxUserStreams: cfg.maxUserStreams,
+		heartbeat: cfg.heartbeat, sweepEvery: min(5*time.Second, cfg.heartbeat/2),
+		inserts: make(chan *commitReq, 1000), work: make(chan *subscriber, cfg.maxStreams), stop: make(chan struct{}),
 		subs: map[string]map[*subscriber]bool{}, perUser: map[string]int{}, lastID: seqs,
 	}
 	// A writer per core: fewer writers than streams are what lets events batch.
 	writers := runtime.GOMAXPROCS(0)
 	h.loops.Add(writers + 2)
 	go loop(h, h.inserts, h.commit)
-	go loop(h, time.NewTicker(5*time.Second).C, h.sweep)
+	go loop(h, time.NewTicker(h.sweepEvery).C, h.sweep)
 	for range writers {
 		go loop(h, h.work, (*subscriber).flush)
 	}
@@ -91,7 +95,8 @@ func loop[T any](h *hub, c <-chan T, f func(T)) {
 func (h *hub) insert(ev *event) (uint64, error) {
 	req := &commitReq{ev: ev, done: make(chan error, 1)}
 	h.inserts <- req
-	return ev.ID, <-req.done
+	err := <-req.done
+	return ev.ID, err
 }
 
 // commit commits req and every insert waiting behind it in one transaction, then
@@ -105,7 +110,7 @@ func (h *hub) commit(req *commitReq) {
 	for i, req := range batch {
 		evs[i] = req.ev
 	}
-	err := h.db.appendEvents(evs)
+	err := h.append(evs)
 	if err == nil {
 		h.publish(evs)
 	}
@@ -114,11 +119,23 @@ func (h *hub) commit(req *commitReq) {
 	}
 }
 
-// publish hands committed events, in ID order, to their tenants' subscribers.
+// append commits evs; bbolt panics on some corrupt pages, which fails the batch rather
+// than the process.
+func (h *hub) append(evs []*event) (err error) {
+	defer func() {
+		if v := recover(); v != nil {
+			err = fmt.Errorf("hub: commit: %v", v)
+		}
+	}()
+	return h.db.appendEvents(evs)
+}
+
+// publish hands committed events, in ID order, to their tenants' subscribers. Each frame
+// is encoded once and shared: subscribers hold references to it, not copies.
 func (h *hub) publish(evs []*event) {
 	frames := make([][]byte, len(evs))
 	for i, ev := range evs {
-		frames[i] = frame(ev)
+		frames[i] = appendFrame(nil, ev.ID, []byte(ev.Name), ev.Data)
 	}
 	h.mu.Lock()
 	defer h.mu.Unlock()
@@ -130,17 +147,19 @@ func (h *hub) publish(evs []*event) {
 	}
 }
 
-// frame is the wire form of ev, as the broker-client npm parser reads it byte by byte:
-// no space after the colons, LF only, one data line (ev.Data is compact ASCII JSON).
-func frame(ev *event) []byte {
-	b := append(append(make([]byte, 0, len(ev.Name)+len(ev.Data)+32), "event:"...), ev.Name...)
-	b = strconv.AppendUint(append(b, "\nid:"...), ev.ID, 10)
-	return append(append(append(b, "\ndata:"...), ev.Data...), "\n\n"...)
+// appendFrame appends the wire form of an event, as the broker-client npm parser reads it
+// byte by byte: no space after the colons, LF only, one data line (data is compact ASCII
+// JSON).
+func appendFrame(b []byte, id uint64, name, data []byte) []byte {
+	b = append(append(slices.Grow(b, len(name)+len(data)+32), "event:"...), name...)
+	b = strconv.AppendUint(append(b, "\nid:"...), id, 10)
+	return append(append(append(b, "\ndata:"...), data...), "\n\n"...)
 }
 
 // compactASCII validates raw as JSON and returns it compacted, with every non-ASCII
 // character escaped as \uXXXX (broker-client decodes bytes as Latin-1) and "retry:"
-// written "retr\u0079:" (broker-client would cut the data at that field name).
+// written "retr\u0079:" (broker-client would cut the data at that field name). Data over
+// maxEventData bytes once escaped is refused.
 func compactASCII(raw []byte) ([]byte, error) {
 	var buf bytes.Buffer
 	if len(raw) == 0 {
@@ -149,39 +168,64 @@ func compactASCII(raw []byte) ([]byte, error) {
 	if !utf8.Valid(raw) || json.Compact(&buf, raw) != nil {
 		return nil, fmt.Errorf("%w: data must be valid JSON in UTF-8", errInvalid)
 	}
-	out := make([]byte, 0, buf.Len())
-	for _, r := range buf.String() {
-		if r < utf8.RuneSelf {
+	out := make([]byte, 0, min(buf.Len(), maxEventData+1))
+	for b := buf.Bytes(); len(b) > 0 && len(out) <= maxEventData; {
+		r, n := utf8.DecodeRune(b)
+		if b = b[n:]; r < utf8.RuneSelf {
 			out = append(out, byte(r))
-			continue
-		}
-		for _, c := range utf16.Encode([]rune{r}) {
-			out = fmt.Appendf(out, `\u%04x`, c)
+		} else {
+			for _, c := range utf16.Encode([]rune{r}) {
+				out = fmt.Appendf(out, `\u%04x`, c)
+			}
 		}
 	}
-	return bytes.ReplaceAll(out, []byte("retry:"), []byte(`retr\u0079:`)), nil
+	if bytes.Contains(out, []byte("retry:")) {
+		out = bytes.ReplaceAll(out, []byte("retry:"), []byte(`retr\u0079:`))
+	}
+	if len(out) > maxEventData {
+		return nil, fmt.Errorf("%w: data over %d bytes (non-ASCII characters count as escaped, 6 bytes each)", errTooLarge, maxEventData)
+	}
+	return out, nil
 }
 
 // subscriber is one open event stream.
+//
+// Its states, under mu:
+//   - syncing (!ready): the stream's handler writes the backlog; live frames collect in
+//     pending. The handler sets ready (and queues s if frames wait) when the backlog is out.
+//   - idle (ready, !queued): enqueue (from publish, under h.mu, or the sweep) adds a frame
+//     and queues s on h.work, setting queued.
+//   - queued: one writer owns the write: flush takes what is pending, writes it (or hands
+//     the write to a goroutine of its own) and, in written, clears queued and queues s again
+//     if frames arrived meanwhile.
+//   - ending: no frame is added any more. end (shutdown, client gone, credentials
+//     expired) writes what is pending first; dropLocked (fell behind, user revoked, moved or given
+//     a new password) discards it and closes the socket at once, which fails a write in
+//     progress. Whoever then sees ending calls finish: the writer after its write, or the
+//     handler while syncing.
+//   - finished: finish (once) removes s from the hub, closes the connection and done.
 type subscriber struct {
 	h            *hub
 	tenant, user string
-	conn         net.Conn            // the hijacked connection (HTTP/1.1), or nil
-	w            http.ResponseWriter // otherwise the stream is written through w (HTTP/2)
+	expires      time.Time           // the credentials' expiry, on the local clock
+	w            http.ResponseWriter // HTTP/2 streams are written through w; set before ready
 	done         chan struct{}       // closed once the stream has ended
 	once         sync.Once
 
-	mu        sync.Mutex // guards the fields below
-	pending   []byte     // frames not yet written
-	ready     bool       // the backlog is written: live frames may follow
-	queued    bool       // on h.work or being written
-	ending    bool       // end the stream once pending is written
+	mu        sync.Mutex  // guards the fields below
+	conn      net.Conn    // the hijacked connection (HTTP/1.1), or nil
+	pending   net.Buffers // frames not yet written, shared with the tenant's other streams
+	size      int         // bytes in pending
+	ready     bool        // the backlog is written: live frames may follow
+	queued    bool        // on h.work or being written
+	ending    bool        // end the stream once pending is written
 	lastWrite time.Time
 }
 
-// subscribe registers a stream of u's tenant and returns it with the last ID published
-// so far: the backlog is read up to that ID and every later event arrives live.
-func (h *hub) subscribe(u *user) (*subscriber, uint64, error) {
+// subscribe registers a stream of u's tenant whose credentials expire at expires, and
+// returns it with the last ID published so far: the backlog is read up to that ID and
+// every later event arrives live.
+func (h *hub) subscribe(u *user, expires time.Time) (*subscriber, uint64, error) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	total := 0
@@ -189,11 +233,11 @@ func (h *hub) subscribe(u *user) (*subscriber, uint64, error) {
 		total += len(set)
 	}
 	if h.closed {
-		return nil, 0, &retryError{after: time.Second, msg: "shutting down"}
+		return nil, 0, &retryError{after: time.Second, err: fmt.Errorf("%w: shutting down", errBusy)}
 	} else if total >= h.maxStreams || h.perUser[u.Username] >= h.maxUserStreams {
-		return nil, 0, &retryError{after: time.Second, msg: "too many open streams"}
+		return nil, 0, &retryError{after: time.Second, err: fmt.Errorf("%w: too many open streams", errTooMany)}
 	}
-	s := &subscriber{h: h, tenant: u.Tenant, user: u.Username, done: make(chan struct{})}
+	s := &subscriber{h: h, tenant: u.Tenant, user: u.Username, expires: expires, done: make(chan struct{})}
 	if h.subs[u.Tenant] == nil {
 		h.subs[u.Tenant] = map[*subscriber]bool{}
 	}
@@ -203,23 +247,20 @@ func (h *hub) subscribe(u *user) (*subscriber, uint64, error) {
 	return s, h.lastID[u.Tenant], nil
 }
 
-// enqueue appends a frame. A subscriber too far behind is dropped (it resumes from its
-// last ID), so it can neither hold memory nor slow the others.
+// enqueue adds a frame. A subscriber too far behind is dropped (it resumes from its last
+// ID), so it can neither hold memory nor slow the others. An event larger than maxPending
+// still reaches a subscriber with nothing pending.
 func (s *subscriber) enqueue(frame []byte) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.ending {
 		return
-	}
-	if s.ending = len(s.pending) > 0 && len(s.pending)+len(frame) > maxPending; s.ending {
+	} else if s.size > 0 && s.size+len(frame) > maxPending {
 		s.h.log.Info("dropping a stream that does not keep up", "user", s.user, "tenant", s.tenant)
-		s.pending = nil
-		if s.conn != nil {
-			s.conn.Close() // at once: a write stalled on the full socket fails and frees its goroutine
-		}
-	} else {
-		s.pending = append(s.pending, frame...)
+		s.dropLocked()
+		return
 	}
+	s.pending, s.size = append(s.pending, frame), s.size+len(frame)
 	s.schedule()
 }
 
@@ -239,25 +280,41 @@ func (s *subscriber) end() {
 	s.schedule()
 }
 
-// flush writes everything pending in one write. A plain TCP stream is written by the
-// writer itself with a short deadline; if the client's socket is full, or the stream is TLS
-// or HTTP/2 (whose writes cannot resume after a timeout), the write finishes in a goroutine
-// of its own, so one slow client never holds up the others.
+// dropLocked closes the stream at once, discarding what is pending; s.mu must be held.
+// It closes the socket beneath TLS: closing the TLS
+// connection would first try to send a close_notify, which can wait on a full socket.
+func (s *subscriber) dropLocked() {
+	s.ending, s.pending, s.size = true, nil, 0
+	if s.conn != nil {
+		rawConn(s.conn).Close()
+	}
+	s.schedule()
+}
+
+// isEnding reports whether the stream is ending.
+func (s *subscriber) isEnding() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.ending
+}
+
+// flush writes everything pending in one write (writev for plain TCP). A plain TCP stream
+// is written by the writer itself with a short deadline; if the client's socket is full,
+// or the stream is TLS or HTTP/2 (whose writes cannot resume after a timeout), the write
+// finishes in a goroutine of its own, so one slow client never holds up the others.
 func (s *subscriber) flush() {
 	s.mu.Lock()
-	buf, ending := s.pending, s.ending
-	s.pending, s.lastWrite = nil, time.Now()
+	bufs, ending := s.pending, s.ending
+	s.pending, s.size, s.lastWrite = nil, 0, time.Now()
 	s.mu.Unlock()
 	if tcp, ok := s.conn.(*net.TCPConn); ok {
 		tcp.SetWriteDeadline(time.Now().Add(10 * time.Millisecond))
-		n, err := tcp.Write(buf)
-		if !errors.Is(err, os.ErrDeadlineExceeded) {
+		if _, err := bufs.WriteTo(tcp); !errors.Is(err, os.ErrDeadlineExceeded) {
 			s.written(err, ending)
 			return
-		}
-		buf = buf[n:]
+		} // bufs holds what is left
 	}
-	go func() { s.written(s.write(buf), ending) }()
+	go func() { s.written(s.write(bufs), ending) }()
 }
 
 // written ends the stream after an error or when it was ending, else queues what arrived
@@ -274,18 +331,25 @@ func (s *subscriber) written(err error, ending bool) {
 	}
 }
 
-func (s *subscriber) write(b []byte) error {
+// write writes bufs within writeTimeout. The deadline is cleared afterwards: an HTTP/2
+// stream whose deadline passes is reset, even while idle.
+func (s *subscriber) write(bufs net.Buffers) error {
+	if _, tcp := s.conn.(*net.TCPConn); !tcp {
+		bufs = net.Buffers{bytes.Join(bufs, nil)} // one TLS record or HTTP/2 frame, not one per event
+	}
 	if s.conn != nil {
 		s.conn.SetWriteDeadline(time.Now().Add(writeTimeout))
-		_, err := s.conn.Write(b)
+		_, err := bufs.WriteTo(s.conn)
 		return err
 	}
 	rc := http.NewResponseController(s.w)
 	rc.SetWriteDeadline(time.Now().Add(writeTimeout))
-	if _, err := s.w.Write(b); err != nil {
-		return err
+	_, err := bufs.WriteTo(s.w)
+	if err == nil {
+		err = rc.Flush()
 	}
-	return rc.Flush()
+	rc.SetWriteDeadline(time.Time{})
+	return err
 }
 
 // finish removes the stream from the hub and closes it.
@@ -300,19 +364,23 @@ func (s *subscriber) finish() {
 			delete(h.perUser, s.user)
 		}
 		h.mu.Unlock()
+		s.mu.Lock()
 		if s.conn != nil {
-			s.conn.Close()
+			rawConn(s.conn).Close()
 		}
+		s.mu.Unlock()
 		close(s.done)
 		h.streams.Done()
 	})
 }
 
-// kick ends every stream of a user (revoked, moved to another tenant, new password).
+// kick ends every stream of a user at once (revoked, moved to another tenant, new password).
 func (h *hub) kick(username string) {
 	for _, s := range h.all() {
 		if s.user == username {
-			s.end()
+			s.mu.Lock()
+			s.dropLocked()
+			s.mu.Unlock()
 		}
 	}
 }
@@ -329,27 +397,44 @@ func (h *hub) all() []*subscriber {
 	return all
 }
 
-// sweep sends the heartbeat comment to streams silent for 30 s at now and ends hijacked
-// streams whose client has gone (nothing else reads those sockets).
+// keepAlive is sent after h.heartbeat of silence: a comment line without the blank line
+// that would end a message. An EventSource ignores it. broker-client drops a line feed that
+// is not followed by another in the same read and keeps the ":" as a harmless prefix of
+// the next message; a ":\n\n" or a lone "\n" (after the previous frame's "\n\n") would
+// reach its onmessage as an empty message, which breaks the usual JSON.parse.
+var keepAlive = []byte(":\n")
+
+// sweep, at now, ends streams whose credentials have expired and hijacked streams whose
+// client has gone (nothing else reads those sockets), and sends keep-alives to streams
+// silent for h.heartbeat.
 func (h *hub) sweep(now time.Time) {
 	for _, s := range h.all() {
 		s.mu.Lock()
-		silent := s.ready && now.Sub(s.lastWrite) >= heartbeat
+		silent, conn := s.ready && now.Sub(s.lastWrite) >= h.heartbeat, s.conn
 		s.mu.Unlock()
-		if s.conn != nil && peerClosed(s.conn) {
+		if now.After(s.expires) || conn != nil && peerClosed(conn) {
 			s.end()
 		} else if silent {
-			s.enqueue([]byte(":\n\n"))
+			s.enqueue(keepAlive)
 		}
 	}
 }
 
+// rawConn is the socket beneath a TLS connection, or c itself.
+func rawConn(c net.Conn) net.Conn {
+	if t, ok := c.(interface{ NetConn() net.Conn }); ok {
+		return t.NetConn()
+	}
+	return c
+}
+
 // peerClosed peeks at the socket without blocking: end of file means the client has gone.
 func peerClosed(c net.Conn) bool {
-	if t, ok := c.(interface{ NetConn() net.Conn }); ok {
-		c = t.NetConn() // TLS: look at the TCP socket beneath
+	sc, ok := rawConn(c).(syscall.Conn)
+	if !ok {
+		return false
 	}
-	raw, err := c.(syscall.Conn).SyscallConn()
+	raw, err := sc.SyscallConn()
 	closed := err != nil
 	if err == nil {
 		raw.Read(func(fd uintptr) bool {
@@ -383,11 +468,21 @@ func (h *hub) close() {
 // every name, or everything after Last-Event-ID), then live events, with no gap and no
 // duplicate between the two.
 func (s *server) handleSSE(w http.ResponseWriter, r *http.Request) {
-	u, _, err := s.authenticate(r)
+	u, exp, err := s.authenticate(r)
 	var sub *subscriber
 	var upto uint64
 	if err == nil && r.Method == http.MethodGet {
-		sub, upto, err = s.hub.subscribe(u)
+		// The credentials' expiry, moved from the NTP clock to the local one of the sweep.
+		sub, upto, err = s.hub.subscribe(u, time.Now().Add(time.Unix(exp, 0).Sub(s.now())))
+	}
+	live := false
+	if sub != nil {
+		defer func() { // on every way out before the stream is live, a panic included
+			if !live {
+				sub.finish()
+			}
+		}()
+		err = s.stillValid(u)
 	}
 	if err != nil {
 		s.fail(w, r, err)
@@ -400,43 +495,50 @@ func (s *server) handleSSE(w http.ResponseWriter, r *http.Request) {
 	if sub == nil { // HEAD
 		return
 	}
-	buf := &bytes.Buffer{}
+	var buf []byte
 	if hj, ok := w.(http.Hijacker); ok && r.ProtoMajor == 1 {
-		if sub.conn, _, err = hj.Hijack(); err != nil {
-			sub.finish()
+		conn, _, err := hj.Hijack()
+		if err != nil {
 			return
 		}
+		sub.mu.Lock()
+		sub.conn = conn
+		sub.mu.Unlock()
 		h.Set("Connection", "close") // the body ends when the connection does
-		buf.WriteString("HTTP/1.1 200 OK\r\n")
-		h.Write(buf)
-		buf.WriteString("\r\n")
+		var head bytes.Buffer
+		head.WriteString("HTTP/1.1 200 OK\r\n")
+		h.Write(&head)
+		buf = append(head.Bytes(), "\r\n"...)
 	} else {
 		sub.w = w
 		w.WriteHeader(http.StatusOK)
 		http.NewResponseController(w).Flush()
 	}
+	// In pages of about maxPage bytes, so a long history neither holds a read transaction
+	// open during slow writes nor fills memory.
 	after, resume := lastEventID(r)
-	for resume = resume && after <= upto; ; {
-		// In pages, so a long history neither holds a read transaction open during slow
-		// writes nor fills memory.
-		evs, err := s.db.readEvents(sub.tenant, resume, after, upto, 1000)
-		for _, ev := range evs {
-			buf.Write(frame(ev))
+	latest := !resume || after > upto
+	if latest {
+		after = 0
+	}
+	for {
+		var last uint64
+		err := s.db.eachEvent(sub.tenant, latest, after, upto, func(id uint64, name, data []byte) bool {
+			buf, last = appendFrame(buf, id, name, data), id
+			return len(buf) < maxPage
+		})
+		if err == nil && len(buf) > 0 {
+			err = sub.write(net.Buffers{buf})
 		}
-		if err == nil {
-			err = sub.write(buf.Bytes())
-		}
-		if err != nil {
-			sub.finish()
+		if err != nil || sub.isEnding() {
 			return
-		}
-		if buf.Reset(); !resume || len(evs) < 1000 {
+		} else if last == 0 {
 			break
 		}
-		after = evs[len(evs)-1].ID
+		after, buf = last, buf[:0]
 	}
 	sub.mu.Lock()
-	sub.ready, sub.lastWrite = true, time.Now()
+	sub.ready, sub.lastWrite, live = true, time.Now(), true
 	sub.schedule()
 	sub.mu.Unlock()
 	if sub.conn == nil {
@@ -447,6 +549,17 @@ func (s *server) handleSSE(w http.ResponseWriter, r *http.Request) {
 			<-sub.done
 		}
 	}
+}
+
+// stillValid re-reads u after its stream was registered: a revocation, tenant move or new
+// password committed while the request was authenticated is seen here, and one committed
+// later ends the registered stream (hub.kick).
+func (s *server) stillValid(u *user) error {
+	cur, err := s.db.getUser(u.Username)
+	if err != nil || cur.Revoked || cur.Tenant != u.Tenant || cur.NotBefore != u.NotBefore || cur.Hash != u.Hash {
+		return errBadToken
+	}
+	return nil
 }
 
 // lastEventID reads Last-Event-ID (or ?last_event_id=). Browsers resend the header on their

@@ -279,27 +279,26 @@ func TestStreamEndsOnRevokeMoveAndShutdown(t *testing.T) {
 	sb.ended()
 	b.s.hub.closeStreams()
 	sc.ended()
-	if code, _ := b.do("GET", "/sse", nil, bearer(b.login("carl"))...); code != 429 {
-		t.Errorf("stream after shutdown began: got %d; want 429", code)
+	if code, _ := b.do("GET", "/sse", nil, bearer(b.login("carl"))...); code != 503 {
+		t.Errorf("stream after shutdown began: got %d; want 503", code)
 	}
 }
 
+// TestStreamHeartbeat: a silent stream gets the keep-alive ":\n" (a comment line without
+// the blank line), which the next event's frame follows.
 func TestStreamHeartbeat(t *testing.T) {
 	b := newTestBroker(t)
 	b.createUser("alice", "A")
 	jwt := b.login("alice")
 	s := b.stream(bearer(jwt)...)
 	b.insert(jwt, "live", 1)
-	s.next()                                               // the stream is live
-	b.s.hub.sweep(time.Now().Add(heartbeat - time.Second)) // not silent long enough
-	b.s.hub.sweep(time.Now().Add(heartbeat + time.Second))
-	select {
-	case ev := <-s.events:
-		if ev.raw != ":\n\n" {
-			t.Errorf("got %q; want the heartbeat comment", ev.raw)
-		}
-	case <-time.After(10 * time.Second):
-		t.Fatal("no heartbeat")
+	s.next() // the stream is live
+	hb := b.s.hub.heartbeat
+	b.s.hub.sweep(time.Now().Add(hb - time.Second)) // not silent long enough
+	b.s.hub.sweep(time.Now().Add(hb + time.Second)) // queues the keep-alive before the event
+	b.insert(jwt, "after", 2)
+	if ev := s.next(); ev.raw != ":\nevent:after\nid:2\ndata:2\n\n" {
+		t.Errorf("got %q; want the keep-alive, then the frame", ev.raw)
 	}
 }
 
@@ -330,11 +329,11 @@ func TestSlowSubscriberDropped(t *testing.T) {
 		time.Sleep(time.Millisecond) // polling the hub's state, bounded by the deadline
 	}
 	jwt := b.login("fast")
-	big := strings.Repeat("x", 100<<10)
+	big := strings.Repeat("x", 60<<10)
 	n := 0
 	for ; b.openStreams("slow") > 0; n++ {
 		if n > 200 {
-			t.Fatal("slow subscriber still connected after 200 events of 100 KiB")
+			t.Fatal("slow subscriber still connected after 200 events of 60 KiB")
 		}
 		b.insert(jwt, "big", big)
 		if ev := fast.next(); ev.id != fmt.Sprint(n+1) {
@@ -428,7 +427,7 @@ func BenchmarkEncodeEvent(b *testing.B) {
 	b.ReportAllocs()
 	for b.Loop() {
 		data, _ := compactASCII(raw)
-		frame(&event{Name: "bench", Data: data, ID: 123456})
+		appendFrame(nil, 123456, []byte("bench"), data)
 	}
 }
 
@@ -440,11 +439,13 @@ func BenchmarkPublish(b *testing.B) {
 		b.Fatal(err)
 	}
 	defer st.close()
-	h, _ := newHub(st, slog.New(slog.NewTextHandler(io.Discard, nil)), 20000, 20000)
+	cfg := testConfig(b)
+	cfg.maxStreams, cfg.maxUserStreams = 20000, 20000
+	h, _ := newHub(st, slog.New(slog.NewTextHandler(io.Discard, nil)), cfg)
 	defer h.close()
 	const subs = 10000
 	for range subs {
-		s, _, _ := h.subscribe(&user{Username: "u", Tenant: "t"})
+		s, _, _ := h.subscribe(&user{Username: "u", Tenant: "t"}, time.Now().Add(time.Hour))
 		s.conn, s.ready = discardConn{}, true
 	}
 	ev := &event{Tenant: "t", Name: "bench", Data: []byte(`{"seq":1,"ts":1764345600000000000}`), ID: 1}

@@ -9,10 +9,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"math"
 	"os"
 	"path/filepath"
-	"sort"
 	"time"
 
 	bolt "go.etcd.io/bbolt"
@@ -29,35 +27,52 @@ var (
 	bucketUsers  = []byte("users")  // username -> JSON user with its secrets
 	bucketEvents = []byte("events") // tenant -> (big-endian ID -> name "\n" JSON data)
 	bucketLatest = []byte("latest") // tenant -> (event name -> big-endian ID)
+	bucketSync   = []byte("sync")   // tenant -> (big-endian ID -> event name): the latest of each name
 	bucketMeta   = []byte("meta")   // values generated once, e.g. the biscuit root key
 )
 
 // openStore opens (or creates) the database in dir. A second process on the same folder
-// fails after one second instead of waiting forever for bbolt's file lock.
+// fails after one second instead of waiting forever for bbolt's file lock. An empty file
+// is refused rather than made a new database: it would get a new biscuit key.
 func openStore(dir string) (*store, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("store: %w", err)
 	}
 	path := filepath.Join(dir, "broker.db")
+	if fi, err := os.Stat(path); err == nil && fi.Size() == 0 {
+		return nil, fmt.Errorf("store: %s is empty: restore a backup or remove it", path)
+	}
 	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: time.Second})
 	if errors.Is(err, berrors.ErrTimeout) {
 		return nil, fmt.Errorf("store: %s is locked: another broker process is using --db %s", path, dir)
 	} else if err != nil {
 		return nil, fmt.Errorf("store: open %s: %w", path, err)
 	}
-	err = db.Update(func(tx *bolt.Tx) error {
-		for _, b := range [][]byte{bucketUsers, bucketEvents, bucketLatest, bucketMeta} {
-			if _, err := tx.CreateBucketIfNotExists(b); err != nil {
-				return err
-			}
-		}
-		return nil
-	})
-	if err != nil {
+	if err = db.Update(createBuckets); err != nil {
 		db.Close()
 		return nil, fmt.Errorf("store: create buckets: %w", err)
 	}
 	return &store{db: db}, nil
+}
+
+// createBuckets creates the top-level buckets, and the sync index of every tenant of a
+// database written before it existed.
+func createBuckets(tx *bolt.Tx) error {
+	for _, b := range [][]byte{bucketUsers, bucketEvents, bucketLatest, bucketSync, bucketMeta} {
+		if _, err := tx.CreateBucketIfNotExists(b); err != nil {
+			return err
+		}
+	}
+	return tx.Bucket(bucketLatest).ForEachBucket(func(tenant []byte) error {
+		if tx.Bucket(bucketSync).Bucket(tenant) != nil {
+			return nil
+		}
+		index, err := tx.Bucket(bucketSync).CreateBucket(tenant)
+		if err != nil {
+			return err
+		}
+		return tx.Bucket(bucketLatest).Bucket(tenant).ForEach(func(name, id []byte) error { return index.Put(id, name) })
+	})
 }
 
 func (st *store) close() error { return st.db.Close() }
@@ -156,14 +171,22 @@ type event struct {
 func (st *store) appendEvents(evs []*event) error {
 	return st.db.Update(func(tx *bolt.Tx) error {
 		for _, ev := range evs {
-			events, err1 := tx.Bucket(bucketEvents).CreateBucketIfNotExists([]byte(ev.Tenant))
-			latest, err2 := tx.Bucket(bucketLatest).CreateBucketIfNotExists([]byte(ev.Tenant))
-			if err := errors.Join(err1, err2); err != nil {
+			t := []byte(ev.Tenant)
+			events, err1 := tx.Bucket(bucketEvents).CreateBucketIfNotExists(t)
+			latest, err2 := tx.Bucket(bucketLatest).CreateBucketIfNotExists(t)
+			index, err3 := tx.Bucket(bucketSync).CreateBucketIfNotExists(t)
+			if err := errors.Join(err1, err2, err3); err != nil {
 				return err
 			}
 			ev.ID, _ = events.NextSequence() // fails only in a read-only transaction
-			key := binary.BigEndian.AppendUint64(nil, ev.ID)
-			if err := errors.Join(events.Put(key, append([]byte(ev.Name+"\n"), ev.Data...)), latest.Put([]byte(ev.Name), key)); err != nil {
+			key, name := binary.BigEndian.AppendUint64(nil, ev.ID), []byte(ev.Name)
+			if prev := latest.Get(name); prev != nil {
+				if err := index.Delete(prev); err != nil {
+					return err
+				}
+			}
+			v := append(append(append(make([]byte, 0, len(name)+1+len(ev.Data)), name...), '\n'), ev.Data...)
+			if err := errors.Join(events.Put(key, v), latest.Put(name, key), index.Put(key, name)); err != nil {
 				return err
 			}
 		}
@@ -183,43 +206,55 @@ func (st *store) sequences() (map[string]uint64, error) {
 	return seqs, err
 }
 
-// readEvents returns events of tenant with IDs up to upto: with resume, up to limit events
-// after the ID after, in order; otherwise the latest event of every name, oldest first (a
-// name whose latest event is newer than upto is left out: that event is delivered live).
-func (st *store) readEvents(tenant string, resume bool, after, upto uint64, limit int) ([]*event, error) {
-	var evs []*event
-	if !resume {
-		limit = math.MaxInt // one event per name
-	}
-	add := func(k, v []byte) bool {
-		id := binary.BigEndian.Uint64(k)
-		if id <= upto && len(evs) < limit {
-			name, data, _ := bytes.Cut(v, []byte("\n"))
-			evs = append(evs, &event{Tenant: tenant, Name: string(name), Data: bytes.Clone(data), ID: id})
+// eachEvent calls fn with tenant's events after the ID after and up to upto, in ID order,
+// until fn returns false: every event, or with latest only the latest of each name (a name
+// whose latest event is newer than upto is left out: that event is delivered live). name
+// and data are valid only during the call.
+func (st *store) eachEvent(tenant string, latest bool, after, upto uint64, fn func(id uint64, name, data []byte) bool) error {
+	return st.db.View(func(tx *bolt.Tx) error {
+		events, index := tx.Bucket(bucketEvents).Bucket([]byte(tenant)), tx.Bucket(bucketEvents).Bucket([]byte(tenant))
+		if latest {
+			index = tx.Bucket(bucketSync).Bucket([]byte(tenant))
 		}
-		return id < upto && len(evs) < limit
-	}
-	err := st.db.View(func(tx *bolt.Tx) error {
-		events, latest := tx.Bucket(bucketEvents).Bucket([]byte(tenant)), tx.Bucket(bucketLatest).Bucket([]byte(tenant))
-		if events == nil || latest == nil {
+		if events == nil || index == nil {
 			return nil
 		}
-		if !resume {
-			return latest.ForEach(func(_, k []byte) error { add(k, events.Get(k)); return nil })
-		}
-		c := events.Cursor()
-		for k, v := c.Seek(binary.BigEndian.AppendUint64(nil, after+1)); k != nil && add(k, v); k, v = c.Next() {
+		c := index.Cursor()
+		for k, v := c.Seek(binary.BigEndian.AppendUint64(nil, after+1)); k != nil && binary.BigEndian.Uint64(k) <= upto; k, v = c.Next() {
+			if latest {
+				v = events.Get(k)
+			}
+			name, data, _ := bytes.Cut(v, []byte("\n"))
+			if !fn(binary.BigEndian.Uint64(k), name, data) {
+				break
+			}
 		}
 		return nil
 	})
-	sort.Slice(evs, func(i, j int) bool { return evs[i].ID < evs[j].ID })
-	return evs, err
 }
 
-// backup writes a consistent snapshot of the whole database to w while writes go on.
-func (st *store) backup(w io.Writer) error {
-	return st.db.View(func(tx *bolt.Tx) error {
-		_, err := tx.WriteTo(w)
+// snapshot copies a consistent snapshot of the database into an unnamed temporary file
+// beside it and returns the file, at its start, and its size. The read transaction lasts
+// as long as a local copy, whatever the speed of the client that downloads it: while it is
+// open, bbolt cannot grow the file, so inserts would wait.
+func (st *store) snapshot() (*os.File, int64, error) {
+	f, err := os.CreateTemp(filepath.Dir(st.db.Path()), "backup-*")
+	if err != nil {
+		return nil, 0, fmt.Errorf("store: backup: %w", err)
+	}
+	os.Remove(f.Name()) // the open file stays readable; nothing is left behind
+	var size int64
+	err = st.db.View(func(tx *bolt.Tx) error {
+		size = tx.Size()
+		_, err := tx.WriteTo(f)
 		return err
 	})
+	if err == nil {
+		_, err = f.Seek(0, io.SeekStart)
+	}
+	if err != nil {
+		f.Close()
+		return nil, 0, fmt.Errorf("store: backup: %w", err)
+	}
+	return f, size, nil
 }

@@ -7,7 +7,9 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"net/url"
 	"strconv"
+	"strings"
 	"time"
 
 	"golang.org/x/crypto/acme"
@@ -36,12 +38,16 @@ func (s *server) serveTLS(srv *http.Server, errc chan<- error) error {
 	var plain http.Handler = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		host, _, err := net.SplitHostPort(r.Host)
 		if err != nil {
-			host = r.Host
+			host = strings.Trim(r.Host, "[]")
 		}
-		if s.cfg.httpsPort != 443 {
-			host = net.JoinHostPort(host, strconv.Itoa(s.cfg.httpsPort))
+		if s.cfg.domain != "" {
+			host = s.cfg.domain // never redirect to a name the client chose
 		}
-		http.Redirect(w, r, "https://"+host+r.URL.RequestURI(), http.StatusMovedPermanently)
+		u := url.URL{Scheme: "https", Host: net.JoinHostPort(host, strconv.Itoa(s.cfg.httpsPort)), Path: r.URL.Path, RawQuery: r.URL.RawQuery}
+		if s.cfg.httpsPort == 443 {
+			u.Host = strings.TrimSuffix(u.Host, ":443")
+		}
+		http.Redirect(w, r, u.String(), http.StatusMovedPermanently)
 	})
 	if s.cfg.autoCert {
 		m := &autocert.Manager{
@@ -59,11 +65,11 @@ func (s *server) serveTLS(srv *http.Server, errc chan<- error) error {
 		srv.TLSConfig = &tls.Config{Certificates: []tls.Certificate{*cert}, NextProtos: []string{"h2", "http/1.1"}}
 	}
 	srv.TLSConfig.MinVersion = tls.VersionTLS12
-	httpsLn, err := net.Listen("tcp", fmt.Sprintf(":%d", s.cfg.httpsPort))
+	httpsLn, err := net.Listen("tcp", net.JoinHostPort(s.cfg.host, strconv.Itoa(s.cfg.httpsPort)))
 	if err != nil {
 		return err
 	}
-	httpLn, err := net.Listen("tcp", fmt.Sprintf(":%d", s.cfg.httpPort))
+	httpLn, err := net.Listen("tcp", net.JoinHostPort(s.cfg.host, strconv.Itoa(s.cfg.httpPort)))
 	if err != nil {
 		return errors.Join(err, httpsLn.Close())
 	}

@@ -93,7 +93,7 @@ func TestOwnCertificate(t *testing.T) {
 	dir := t.TempDir()
 	certPath, keyPath := writeCert(t, dir, time.Now().Add(-time.Hour), time.Now().Add(24*time.Hour))
 	httpsPort, httpPort := freePort(t), freePort(t)
-	startRun(t, "--secure", "--auto_cert=false", "--jwt_secret=0123456789abcdef0123456789abcdef", "--admin_token=adm",
+	startRun(t, "--secure", "--auto_cert=false", "--jwt_secret=0123456789abcdef0123456789abcdef", "--admin_token=admin-0123456789",
 		"--cert_path", certPath, "--key_path", keyPath, "--https_port", fmt.Sprint(httpsPort), "--http_port", fmt.Sprint(httpPort))
 	pool := x509.NewCertPool()
 	pem, _ := os.ReadFile(certPath)
@@ -126,7 +126,7 @@ func TestOwnCertificate(t *testing.T) {
 			return string(out)
 		}
 		user := fmt.Sprint("u", h2)
-		post("/create_user", `{"username":"`+user+`","password":"pw","admin_token":"adm","tenant_name":"t"}`)
+		post("/create_user", `{"username":"`+user+`","password":"pw","admin_token":"admin-0123456789","tenant_name":"t"}`)
 		jwt := strings.Split(post("/login", `{"username":"`+user+`","password":"pw"}`), `"`)[3]
 		s := openStream(t, base+"/sse", client, bearer(jwt)...)
 		post("/insert", `{"event":"secure","data":{"ok":true}}`, bearer(jwt)...)
@@ -158,7 +158,7 @@ func TestOwnCertificateRefusedAtStart(t *testing.T) {
 		{filepath.Join(dir, "missing.pem"), key, "no such file"},
 	}
 	for _, c := range cases {
-		err := run(context.Background(), []string{"--ntp_server=", "--db", t.TempDir(), "--secure", "--auto_cert=false", "--jwt_secret=x", "--admin_token=y",
+		err := run(context.Background(), []string{"--ntp_server=", "--db", t.TempDir(), "--secure", "--auto_cert=false", "--jwt_secret=0123456789abcdef0123456789abcdef", "--admin_token=admin-0123456789",
 			"--cert_path", c.cert, "--key_path", c.key, "--https_port", fmt.Sprint(freePort(t)), "--http_port", fmt.Sprint(freePort(t))}, func(string) string { return "" }, io.Discard)
 		if err == nil || !strings.Contains(err.Error(), c.want) {
 			t.Errorf("start with %s: got %v; want an error containing %q", filepath.Base(c.cert), err, c.want)
@@ -228,7 +228,7 @@ func TestAutoCertificate(t *testing.T) {
 	start := func() *exec.Cmd {
 		b := exec.Command(bin, "--secure", "--domain", "broker.test", "--acme_directory", fmt.Sprintf("https://localhost:%d/dir", acmePort),
 			"--certs", filepath.Join(dir, "certs"), "--db", filepath.Join(dir, "db"), "--http_port", fmt.Sprint(httpPort),
-			"--https_port", fmt.Sprint(httpsPort), "--jwt_secret", "0123456789abcdef0123456789abcdef", "--admin_token", "adm", "--ntp_server=")
+			"--https_port", fmt.Sprint(httpsPort), "--jwt_secret", "0123456789abcdef0123456789abcdef", "--admin_token", "admin-0123456789", "--ntp_server=")
 		b.Env = append(os.Environ(), "SSL_CERT_FILE="+pebbleCA) // trust Pebble's directory
 		b.Stderr = os.Stderr
 		if err := b.Start(); err != nil {
@@ -284,8 +284,9 @@ func TestAutoCertificate(t *testing.T) {
 		t.Fatal(err)
 	}
 	resp.Body.Close()
-	if resp.StatusCode != 301 || !strings.HasPrefix(resp.Header.Get("Location"), "https://localhost:") {
-		t.Errorf("plain HTTP: got %d %q; want a redirect to HTTPS", resp.StatusCode, resp.Header.Get("Location"))
+	// To --domain, whatever Host the client sent (no open redirect).
+	if want := fmt.Sprintf("https://broker.test:%d/get_user", httpsPort); resp.StatusCode != 301 || resp.Header.Get("Location") != want {
+		t.Errorf("plain HTTP: got %d %q; want a redirect to %s", resp.StatusCode, resp.Header.Get("Location"), want)
 	}
 	stop(b)
 	b = start()

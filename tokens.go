@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bytes"
 	"crypto/ed25519"
 	"crypto/hmac"
 	"crypto/sha256"
@@ -27,10 +26,10 @@ type claims struct {
 	Exp    int64    `json:"exp"`
 }
 
-// jwtHeader is base64url of {"alg":"HS256","typ":"JWT"}. The verifier compares the header
-// segment with it byte for byte, which refuses alg:none, algorithm confusion, kid/jku/crit
-// tricks and duplicate header keys without parsing attacker-controlled JSON.
+// jwtHeader is base64url of {"alg":"HS256","typ":"JWT"}, the header of the JWTs broker signs.
 const jwtHeader = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9"
+
+const maxJWT = 8 << 10 // bytes; the JWT of a user with every field at its maximum is under 4 KiB
 
 var b64 = base64.RawURLEncoding.Strict()
 
@@ -49,41 +48,46 @@ func signJWT(c claims, key []byte) string {
 
 var errBadToken = fmt.Errorf("%w: invalid or expired token", errUnauthorized)
 
-// verifyJWT checks token's form, header, signature and expiry at now, and returns its claims.
-// The payload is decoded only after the MAC is good, and it must be exactly what signJWT
-// writes (re-encoding gives the same bytes), so duplicate or case-variant keys are refused.
+// verifyJWT checks token's form, signature, header and claims and its expiry at now, and
+// returns its claims. The JSON is decoded only after the MAC is good, so it was written by
+// someone holding the key (broker, or a JWT library): any key order and whitespace are
+// accepted, while repeated, case-variant or unknown keys, an alg other than HS256, another
+// iss, and a missing sub or exp are refused.
 func verifyJWT(token string, key []byte, now time.Time) (claims, error) {
 	var c claims
+	var head struct {
+		Alg string  `json:"alg"`
+		Typ *string `json:"typ"`
+	}
 	// The alphabet is checked here because base64 decoders skip CR and LF.
-	if len(token) > 4096 || strings.Trim(token, "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.") != "" {
+	if len(token) > maxJWT || strings.Trim(token, "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.") != "" {
 		return c, errBadToken
 	}
 	header, rest, _ := strings.Cut(token, ".")
 	payload, sig, ok := strings.Cut(rest, ".")
 	mac, err := b64.DecodeString(sig)
-	if !ok || header != jwtHeader || err != nil || len(mac) != sha256.Size || !hmac.Equal(mac, hs256(header+"."+payload, key)) {
+	if !ok || err != nil || !hmac.Equal(mac, hs256(header+"."+payload, key)) {
 		return c, errBadToken
 	}
-	raw, err := b64.DecodeString(payload)
-	if err != nil || json.Unmarshal(raw, &c) != nil {
-		return claims{}, errBadToken
-	}
-	canon, _ := json.Marshal(c)
-	if !bytes.Equal(canon, raw) || c.Iss != "Broker" || now.Unix() >= c.Exp || c.Iat > now.Unix()+60 {
+	rawHead, err1 := b64.DecodeString(header)
+	rawClaims, err2 := b64.DecodeString(payload)
+	if err1 != nil || err2 != nil || decodeJSON(rawHead, &head) != nil || decodeJSON(rawClaims, &c) != nil ||
+		head.Alg != "HS256" || head.Typ != nil && *head.Typ != "JWT" || c.Iss != "Broker" || c.Sub == "" || now.Unix() >= c.Exp {
 		return claims{}, errBadToken
 	}
 	return c, nil
 }
 
 // parseBasic reads an "Authorization: Basic" value. Only the first colon splits, so a
-// password may contain colons (RFC 7617); control characters and an empty user are refused.
+// password may contain colons (RFC 7617); control characters and invalid usernames are
+// refused, before anything is counted or hashed.
 func parseBasic(h string) (username, password string, ok bool) {
 	if len(h) < 6 || !strings.EqualFold(h[:6], "basic ") || strings.ContainsAny(h, "\r\n") {
 		return "", "", false
 	}
 	raw, err := base64.StdEncoding.Strict().DecodeString(h[6:])
 	username, password, ok = strings.Cut(string(raw), ":")
-	if err != nil || !ok || username == "" || strings.ContainsFunc(string(raw), unicode.IsControl) {
+	if err != nil || !ok || !validName(username, true) || strings.ContainsFunc(string(raw), unicode.IsControl) {
 		return "", "", false
 	}
 	return username, password, true

@@ -6,6 +6,7 @@ import (
 	"image/png"
 	"net/url"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -131,7 +132,7 @@ func TestLoginThrottle(t *testing.T) {
 	b := newTestBroker(t)
 	b.createUser("vic", "t")
 	b.createUser("other", "t")
-	for i := 0; i < 6; i++ {
+	for i := 0; i < 5; i++ {
 		b.must(401, "POST", "/login", obj{"username": "vic", "password": "guess"})
 	}
 	code, _ := b.do("POST", "/login", obj{"username": "vic", "password": "pw-vic"})
@@ -148,25 +149,34 @@ func TestLoginThrottle(t *testing.T) {
 	b.offset.Add(int64(2 * time.Second))
 	b.login("vic")
 	// Spraying many usernames from one address locks the address.
-	for i := 0; i < 21; i++ {
+	for i := 0; i < 20; i++ {
 		b.do("POST", "/login", obj{"username": "spray" + strconv.Itoa(i), "password": "guess"})
 	}
 	b.must(429, "POST", "/login", obj{"username": "other", "password": "pw-other"})
 }
 
+// TestThrottleBounded: the throttle holds at most maxKeys fixed-size keys whatever it is
+// fed, and still locks an address that keeps failing.
 func TestThrottleBounded(t *testing.T) {
-	th := &throttle{max: 100, strikes: map[string]strike{}}
+	th := &throttle{maxKeys: 100, strikes: map[tkey]strike{}}
 	now := time.Now()
-	for i := 0; i < 10000; i++ {
-		th.fail(now, "user:"+strconv.Itoa(i))
-		if len(th.strikes) > th.max {
-			t.Fatalf("throttle holds %d keys; max %d", len(th.strikes), th.max)
+	for i := range 10000 {
+		end, err := th.begin(now, accountKey("login", strings.Repeat("x", 1000)+strconv.Itoa(i)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		end(true)
+		if len(th.strikes) > th.maxKeys {
+			t.Fatalf("throttle holds %d keys; max %d", len(th.strikes), th.maxKeys)
 		}
 	}
-	for i := 0; i < 25; i++ {
-		th.fail(now, "addr:1.2.3.4")
+	addr := tkey{digest: [32]byte{1}, free: 20, parallel: 2}
+	for range 25 {
+		if end, err := th.begin(now, addr); err == nil {
+			end(true)
+		}
 	}
-	if th.check(now, "addr:1.2.3.4") == nil {
+	if _, err := th.begin(now, addr); err == nil {
 		t.Error("address not locked after 25 failures")
 	}
 }

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"cmp"
 	"context"
 	"crypto/rand"
 	"crypto/sha256"
@@ -14,13 +13,12 @@ import (
 	"errors"
 	"fmt"
 	"math/big"
-	"net"
 	"net/http"
 	"net/mail"
 	"net/url"
 	"regexp"
+	"slices"
 	"strings"
-	"sync"
 	"time"
 	"unicode"
 	"unicode/utf8"
@@ -57,9 +55,22 @@ type secrets struct {
 	NotBefore   int64  // JWTs issued (iat) earlier are refused
 }
 
-// endTokens makes every JWT issued so far invalid (password change, revocation); new
-// tokens are issued with iat >= NotBefore.
+// endTokens makes every JWT issued so far invalid (password change, revocation, two-factor
+// turned on); new tokens are issued with iat >= NotBefore. Many in one second move
+// NotBefore ahead of the clock, which only moves the iat of new tokens (verifyJWT does not
+// refuse an iat in the future).
 func (u *user) endTokens(now time.Time) { u.NotBefore = max(now.Unix(), u.NotBefore) + 1 }
+
+// Bounds of the fields of a user (CONTRACT §2), so every user gets a JWT the verifier
+// accepts (maxJWT) and /verify stays cheap.
+const (
+	maxScopes     = 32
+	maxScopeBytes = 64
+	maxPassword   = 1024     // bytes
+	zxcvbnBytes   = 64       // bytes of a password that zxcvbn scores
+	maxEmail      = 254      // bytes (RFC 5321)
+	maxUserData   = 64 << 10 // bytes of a user's data
+)
 
 // disposableDomains is the throwaway-mail domain list, one lower-case domain per line, from
 // github.com/disposable-email-domains/disposable-email-domains (CC0-1.0), as packaged in the
@@ -68,7 +79,10 @@ func (u *user) endTokens(now time.Time) { u.NotBefore = max(now.Unix(), u.NotBef
 //go:embed disposable_domains.txt
 var disposableDomains string
 
-var scopeRE = regexp.MustCompile(`^[A-Za-z0-9_.*-]+:[A-Za-z0-9_.*-]+$`)
+var (
+	scopeRE  = regexp.MustCompile(`^[A-Za-z0-9_.*-]+:[A-Za-z0-9_.*-]+$`)
+	domainRE = regexp.MustCompile(`^([\p{L}\p{N}-]+\.)+[\p{L}\p{N}-]*\p{L}[\p{L}\p{N}-]*$`)
+)
 
 // userFields are the settable fields of create and update; nil means "not given".
 type userFields struct {
@@ -80,35 +94,35 @@ type userFields struct {
 	Data      *json.RawMessage `json:"data"`
 }
 
-// validName: 1-64 characters of valid UTF-8 without control characters and, for a
-// username, without spaces or ':' (HTTP Basic splits at the first ':').
+// validName: 1-64 characters of valid UTF-8 without control or invisible formatting
+// characters (bidirectional overrides, zero-width joiners) and, for a username, without
+// spaces or ':' (HTTP Basic splits at the first ':').
 func validName(s string, username bool) bool {
 	n := utf8.RuneCountInString(s)
 	return n >= 1 && n <= 64 && utf8.ValidString(s) && !strings.ContainsFunc(s, func(r rune) bool {
-		return unicode.IsControl(r) || username && (unicode.IsSpace(r) || r == ':')
+		return unicode.IsControl(r) || unicode.Is(unicode.Cf, r) || username && (unicode.IsSpace(r) || r == ':')
 	})
 }
 
 // validate checks the given fields by the rules of CONTRACT §2.
-func (s *server) validate(username string, f userFields) error {
-	if !validName(username, true) {
+func (s *server) validate(ctx context.Context, username string, f userFields) error {
+	scopes, data := deref(f.Scopes), deref(f.Data)
+	switch {
+	case !validName(username, true):
 		return fmt.Errorf("%w: username must be 1-64 characters without spaces, control characters or ':'", errInvalid)
-	}
-	if f.Tenant != nil && !validName(*f.Tenant, false) {
-		return fmt.Errorf("%w: tenant_name must be 1-64 characters", errInvalid)
-	}
-	for _, sc := range deref(f.Scopes) {
-		if !scopeRE.MatchString(sc) {
-			return fmt.Errorf("%w: invalid scope %q: want resource:operation", errInvalid, sc)
-		}
-	}
-	if f.Email != nil {
+	case f.Tenant != nil && !validName(*f.Tenant, false):
+		return fmt.Errorf("%w: tenant_name must be 1-64 characters without control characters", errInvalid)
+	case len(scopes) > maxScopes || slices.ContainsFunc(scopes, func(sc string) bool { return len(sc) > maxScopeBytes || !scopeRE.MatchString(sc) }):
+		return fmt.Errorf("%w: scopes: at most %d of at most %d bytes, each resource:operation", errInvalid, maxScopes, maxScopeBytes)
+	case len(data) > maxUserData || !utf8.Valid(data):
+		return fmt.Errorf("%w: data must be JSON in UTF-8 of at most %d bytes", errInvalid, maxUserData)
+	case f.Email != nil:
 		if err := checkEmail(*f.Email); err != nil {
 			return err
 		}
 	}
 	if f.Password != nil {
-		return s.checkPassword(*f.Password, username, deref(f.Email))
+		return s.checkPassword(ctx, *f.Password, username, deref(f.Email))
 	}
 	return nil
 }
@@ -125,7 +139,7 @@ func deref[T any](p *T) (v T) {
 func checkEmail(email string) error {
 	a, err := mail.ParseAddress(email)
 	_, domain, _ := strings.Cut(email, "@")
-	if err != nil || a.Name != "" || a.Address != email || !strings.Contains(strings.Trim(domain, "."), ".") {
+	if err != nil || len(email) > maxEmail || a.Name != "" || a.Address != email || !domainRE.MatchString(domain) {
 		return fmt.Errorf("%w: invalid email", errInvalid)
 	}
 	for d := strings.ToLower(domain); strings.Contains(d, "."); _, d, _ = strings.Cut(d, ".") {
@@ -137,12 +151,19 @@ func checkEmail(email string) error {
 }
 
 // checkPassword refuses empty and over-long passwords (never truncated) and, with
-// --password_checker, passwords that zxcvbn scores under 3.
-func (s *server) checkPassword(password, username, email string) error {
-	if password == "" || len(password) > 1024 {
-		return fmt.Errorf("%w: password must be 1-1024 bytes", errInvalid)
+// --password_checker, passwords that zxcvbn scores under 3. zxcvbn's cost grows steeply with
+// length (a random 256-byte password takes seconds), so it scores the first zxcvbnBytes
+// bytes: a password is at least as strong as its beginning.
+func (s *server) checkPassword(ctx context.Context, password string, inputs ...string) error {
+	if password == "" || len(password) > maxPassword {
+		return fmt.Errorf("%w: password must be 1-%d bytes", errInvalid, maxPassword)
+	} else if !s.cfg.passwordChecker {
+		return nil
+	} else if err := ctx.Err(); err != nil {
+		return err
 	}
-	if r := zxcvbn.PasswordStrength(password, []string{username, email}); s.cfg.passwordChecker && r.Score < 3 {
+	scored := strings.ToValidUTF8(password[:min(len(password), zxcvbnBytes)], "")
+	if r := zxcvbn.PasswordStrength(scored, inputs); r.Score < 3 {
 		return fmt.Errorf("%w: weak password: strength %d of 4, 3 needed; use a longer, less predictable password", errInvalid, r.Score)
 	}
 	return nil
@@ -163,10 +184,12 @@ func (s *server) apply(u *user, f userFields, hash string) {
 		u.Hash = hash
 	}
 	if f.TwoFactor != nil && *f.TwoFactor != u.TwoFactor {
-		// Turning two-factor on (again) enrols a new secret.
+		// Turning two-factor on (again) enrols a new secret and ends the tokens issued
+		// without a code.
 		u.TwoFactor, u.TOTPSecret, u.TOTPStep = *f.TwoFactor, "", 0
 		if u.TwoFactor {
 			u.TOTPSecret = newTOTPSecret()
+			u.endTokens(s.now())
 		}
 	}
 }
@@ -215,7 +238,7 @@ func (s *server) argon(ctx context.Context, password string, salt []byte, m, t u
 	case s.hashSlots <- struct{}{}:
 		defer func() { <-s.hashSlots }()
 	case <-time.After(10 * time.Second):
-		return nil, &retryError{after: time.Second}
+		return nil, &retryError{after: time.Second, err: errBusy}
 	case <-ctx.Done():
 		return nil, ctx.Err()
 	}
@@ -236,10 +259,23 @@ var errBadLogin = fmt.Errorf("%w: invalid username, password or code", errUnauth
 // HTTP Basic, which cannot carry one), under the brute-force throttle. Unknown users are
 // hashed against a dummy hash, so they take as long as a wrong password.
 func (s *server) login(r *http.Request, name, password string, totp *string) (*user, error) {
-	keys := []string{"user:" + name, "addr:" + clientAddr(r)}
-	if err := s.throttle.check(s.now(), keys...); err != nil {
+	if !validName(name, true) { // before anything is counted or hashed
+		return nil, fmt.Errorf("%w: username must be 1-64 characters", errInvalid)
+	}
+	keys := []tkey{accountKey("login", name), addrKey("login", r)}
+	end, err := s.throttle.begin(s.now(), keys...)
+	if err != nil {
 		return nil, err
 	}
+	u, err := s.checkLogin(r.Context(), name, password, totp)
+	end(errors.Is(err, errBadLogin))
+	if err == nil {
+		s.throttle.clear(keys[0])
+	}
+	return u, err
+}
+
+func (s *server) checkLogin(ctx context.Context, name, password string, totp *string) (*user, error) {
 	u, err := s.db.getUser(name)
 	if err != nil && !errors.Is(err, errNotFound) {
 		return nil, err
@@ -248,102 +284,16 @@ func (s *server) login(r *http.Request, name, password string, totp *string) (*u
 	if u != nil {
 		phc = u.Hash
 	}
-	ok, err := s.verifyPassword(r.Context(), phc, password)
-	if ok = ok && u != nil && !u.Revoked; err != nil {
+	ok, err := s.verifyPassword(ctx, phc, password)
+	switch {
+	case err != nil:
 		return nil, err
-	} else if ok && u.TwoFactor && totp == nil {
-		return nil, errBadLogin // HTTP Basic cannot carry a code
-	} else if ok && u.TwoFactor {
-		err = s.checkTOTP(u, *totp)
-	} else if !ok {
-		err = errBadLogin
+	case !ok || u == nil || u.Revoked || u.TwoFactor && totp == nil: // HTTP Basic cannot carry a code
+		return nil, errBadLogin
+	case u.TwoFactor:
+		return u, s.checkTOTP(u, *totp)
 	}
-	if errors.Is(err, errBadLogin) {
-		s.throttle.fail(s.now(), keys...)
-	}
-	if err != nil {
-		return nil, err
-	}
-	s.throttle.succeed(name)
 	return u, nil
-}
-
-// clientAddr is the client's IP address as the server sees it. Proxy headers are not
-// trusted: any client can set them.
-func clientAddr(r *http.Request) string {
-	host, _, _ := net.SplitHostPort(r.RemoteAddr)
-	return host
-}
-
-// throttle slows down guessing. After a few failures for a key (a username, or a client
-// address) each further failure locks the key for a pause that doubles up to 15 minutes;
-// a locked key is answered 429 even with the right password. It holds at most max keys.
-type throttle struct {
-	max     int
-	mu      sync.Mutex // guards strikes
-	strikes map[string]strike
-}
-
-type strike struct {
-	fails int
-	until time.Time
-}
-
-// retryError is errTooMany with the pause the client must wait (Retry-After).
-type retryError struct {
-	after time.Duration
-	msg   string
-}
-
-func (e *retryError) Error() string { return cmp.Or(e.msg, "too many attempts, retry later") }
-func (e *retryError) Unwrap() error { return errTooMany }
-
-// check returns a *retryError when one of keys is locked at now.
-func (t *throttle) check(now time.Time, keys ...string) error {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	for _, k := range keys {
-		if st := t.strikes[k]; now.Before(st.until) {
-			return &retryError{after: st.until.Sub(now)}
-		}
-	}
-	return nil
-}
-
-// fail counts a failure for each key. A username gets 5 free failures; a client address,
-// which many users may share behind one NAT or proxy, 20. A full map forgets its unlocked
-// keys, and if all are locked, everything.
-func (t *throttle) fail(now time.Time, keys ...string) {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	if len(t.strikes) >= t.max {
-		for k, st := range t.strikes {
-			if !now.Before(st.until) {
-				delete(t.strikes, k)
-			}
-		}
-		if len(t.strikes) >= t.max {
-			clear(t.strikes)
-		}
-	}
-	for _, k := range keys {
-		st, free := t.strikes[k], 5
-		if strings.HasPrefix(k, "addr:") {
-			free = 20
-		}
-		if st.fails++; st.fails > free {
-			st.until = now.Add(min(time.Second<<min(st.fails-free-1, 20), 15*time.Minute))
-		}
-		t.strikes[k] = st
-	}
-}
-
-// succeed clears the counter of a username. Address counters stay: an attacker's own
-// successful logins must not reset the count of their guesses.
-func (t *throttle) succeed(username string) {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	delete(t.strikes, "user:"+username)
 }
 
 // newTOTPSecret returns a random 160-bit secret in unpadded base32 (RFC 4226 §4).
@@ -403,11 +353,7 @@ func hashCode(code string) string {
 	return hex.EncodeToString(h[:])
 }
 
-// useResetCode consumes u's reset code if code matches and has not expired at now.
-func useResetCode(u *user, code string, now time.Time) bool {
-	ok := u.ResetCode != "" && now.Unix() < u.ResetExpiry && subtle.ConstantTimeCompare([]byte(u.ResetCode), []byte(hashCode(code))) == 1
-	if ok {
-		u.ResetCode, u.ResetExpiry = "", 0
-	}
-	return ok
+// validResetCode reports whether code is u's reset code and has not expired at now.
+func validResetCode(u *user, code string, now time.Time) bool {
+	return u.ResetCode != "" && now.Unix() < u.ResetExpiry && subtle.ConstantTimeCompare([]byte(u.ResetCode), []byte(hashCode(code))) == 1
 }

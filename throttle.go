@@ -1,0 +1,137 @@
+package main
+
+import (
+	"cmp"
+	"crypto/sha256"
+	"net"
+	"net/http"
+	"sync"
+	"time"
+)
+
+// throttle slows down guessing of passwords, two-factor and reset codes and the admin
+// token. An attempt is counted against its keys (an account, a client address) before it
+// is evaluated, so a burst of concurrent guesses is refused like a sequence of them: a key
+// lets through its free attempts (5 for an account, 20 for an address), then, once they
+// have failed, one attempt at a time, each failure locking the key for 1 s, 2 s, 4 s ... up
+// to 15 minutes. A locked key is answered 429 even with the right secret. A key also lets
+// only a few attempts run at once (2 for password hashing), so one client or one account
+// cannot hold every hash slot.
+//
+// Keys are SHA-256 digests, so an entry has the same small size (about 100 bytes with the
+// map's overhead) whatever a client sends; at most maxKeys are held (about 10 MiB).
+type throttle struct {
+	maxKeys int
+	mu      sync.Mutex // guards strikes
+	strikes map[tkey]strike
+}
+
+// tkey is what a throttle counts attempts against.
+type tkey struct {
+	digest   [32]byte // of the kind and value of the key
+	free     int      // failures before the first lock
+	parallel int      // attempts evaluated at once
+}
+
+type strike struct {
+	fails, inflight int
+	until           time.Time // locked until
+}
+
+const throttleKeys = 100_000
+
+// accountKey counts attempts against one account: kind "login" (passwords and two-factor
+// codes, also over HTTP Basic) or "reset" (password-reset codes).
+func accountKey(kind, username string) tkey {
+	return tkey{sha256.Sum256([]byte(kind + "\x00" + username)), 5, 2}
+}
+
+// addrKey counts attempts from one client address (an IPv6 client by its /64, which one
+// client usually has whole); kind "login" for passwords and codes, "admin" for admin tokens.
+func addrKey(kind string, r *http.Request) tkey {
+	parallel := cmp.Or(map[string]int{"admin": 20}[kind], 2)
+	return tkey{sha256.Sum256([]byte(kind + "\x00" + clientAddr(r))), 20, parallel}
+}
+
+// clientAddr is the client's IP address as the server sees it, an IPv6 address as its /64.
+// Proxy headers are not trusted: any client can set them.
+func clientAddr(r *http.Request) string {
+	host, _, _ := net.SplitHostPort(r.RemoteAddr)
+	if ip := net.ParseIP(host); ip != nil && ip.To4() == nil {
+		return ip.Mask(net.CIDRMask(64, 128)).String() + "/64"
+	}
+	return host
+}
+
+// begin counts an attempt against keys at now and returns the function that ends it
+// (failed: the secret was wrong), or a *retryError when a key is locked or busy.
+func (t *throttle) begin(now time.Time, keys ...tkey) (end func(failed bool), err error) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	for _, k := range keys {
+		st := t.strikes[k]
+		if now.Before(st.until) {
+			return nil, &retryError{after: st.until.Sub(now), err: errTooMany}
+		} else if st.inflight >= k.parallel || st.inflight > 0 && st.fails+st.inflight >= k.free {
+			return nil, &retryError{after: time.Second, err: errTooMany}
+		}
+	}
+	t.makeRoom(now)
+	for _, k := range keys {
+		st := t.strikes[k]
+		st.inflight++
+		t.strikes[k] = st
+	}
+	return func(failed bool) { t.end(now, failed, keys) }, nil
+}
+
+func (t *throttle) end(now time.Time, failed bool, keys []tkey) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	for _, k := range keys {
+		st := t.strikes[k]
+		st.inflight = max(st.inflight-1, 0) // the key may have been forgotten meanwhile
+		if failed {
+			if st.fails++; st.fails >= k.free {
+				st.until = now.Add(min(time.Second<<min(st.fails-k.free, 20), 15*time.Minute))
+			}
+		}
+		t.put(k, st)
+	}
+}
+
+// clear forgets the failures of keys: an account's after its owner got in, or when the
+// admin unlocks it.
+func (t *throttle) clear(keys ...tkey) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	for _, k := range keys {
+		st := t.strikes[k]
+		st.fails, st.until = 0, time.Time{}
+		t.put(k, st)
+	}
+}
+
+// put stores st, or deletes it when it holds nothing; t.mu must be held.
+func (t *throttle) put(k tkey, st strike) {
+	if st == (strike{}) {
+		delete(t.strikes, k)
+	} else {
+		t.strikes[k] = st
+	}
+}
+
+// makeRoom keeps room for two more keys: a full map forgets its unlocked keys and, if
+// all are locked, every key without an attempt in flight; t.mu must be held.
+func (t *throttle) makeRoom(now time.Time) {
+	for _, locked := range []bool{false, true} {
+		for k, st := range t.strikes {
+			if len(t.strikes)+2 <= t.maxKeys {
+				return
+			}
+			if st.inflight == 0 && (locked || !now.Before(st.until)) {
+				delete(t.strikes, k)
+			}
+		}
+	}
+}
