@@ -3,7 +3,6 @@ package main
 import (
 	"bytes"
 	"cmp"
-	"context"
 	"crypto/ed25519"
 	"crypto/sha256"
 	"crypto/subtle"
@@ -18,8 +17,9 @@ import (
 	"runtime/debug"
 	"strconv"
 	"strings"
-	"sync"
 	"time"
+
+	"github.com/skip2/go-qrcode"
 )
 
 // The errors that fail maps to status codes.
@@ -147,8 +147,8 @@ type download func(http.ResponseWriter)
 const maxBody = 1 << 20 // bytes of a request body
 
 // handle is the one shape of a JSON endpoint: check who calls (a signed-in user before the
-// body is read, so anonymous clients cannot hold the body budget of inserts), take the
-// body's bytes from the budget, decode it into a T, check the admin token, act, and answer
+// body is read, so anonymous clients cannot take the turns of large inserts), wait for a
+// turn to read a large body, decode it into a T, check the admin token, act, and answer
 // the result as JSON, or the error.
 func handle[T any](s *server, who access, act func(r *http.Request, c caller, req *T) (any, error)) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
@@ -160,9 +160,18 @@ func handle[T any](s *server, who access, act func(r *http.Request, c caller, re
 		req := new(T)
 		if err == nil && r.Method == http.MethodPost {
 			var release func()
-			if release, err = s.bodies.take(r.Context(), int64(min(uint64(r.ContentLength), maxBody))); err == nil {
+			if release, err = s.takeBody(r); err == nil {
 				defer release()
-				err = readJSON(w, r, req)
+				var body []byte
+				body, err = io.ReadAll(http.MaxBytesReader(w, r.Body, maxBody))
+				var tooBig *http.MaxBytesError
+				if errors.As(err, &tooBig) {
+					err = fmt.Errorf("%w: request body over %d bytes", errTooLarge, maxBody)
+				} else if err != nil {
+					err = fmt.Errorf("%w: reading the body: %v", errInvalid, err)
+				} else {
+					err = decodeJSON(body, req)
+				}
 			}
 		}
 		if err == nil && who == admin {
@@ -182,39 +191,25 @@ func handle[T any](s *server, who access, act func(r *http.Request, c caller, re
 	}
 }
 
-// readJSON reads a request body of at most maxBody bytes and decodes it into v.
-func readJSON(w http.ResponseWriter, r *http.Request, v any) error {
-	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxBody))
-	var tooBig *http.MaxBytesError
-	if errors.As(err, &tooBig) {
-		return fmt.Errorf("%w: request body over %d bytes", errTooLarge, maxBody)
-	} else if err != nil {
-		return fmt.Errorf("%w: reading the body: %v", errInvalid, err)
-	}
-	return decodeJSON(body, v)
-}
-
 // decodeJSON decodes the JSON object raw into v, refusing unknown keys and data after the
 // object, and what encoding/json would let pass: a repeated key (it keeps the last) and a
 // key in another case (it matches keys to fields regardless of case; every key broker
 // reads is lower case). Errors name JSON fields, never Go types.
 func decodeJSON(raw []byte, v any) error {
 	keys, seen := json.NewDecoder(bytes.NewReader(raw)), map[string]bool{}
-	open, err := keys.Token()
-	for err == nil && open == json.Delim('{') && keys.More() {
-		var t json.Token
-		if t, err = keys.Token(); err == nil {
+	if open, _ := keys.Token(); open == json.Delim('{') {
+		for keys.More() {
+			t, err := keys.Token()
 			k, _ := t.(string)
-			if seen[k] || k != strings.ToLower(k) {
-				return fmt.Errorf("%w: repeated or unknown field %q", errInvalid, k)
+			if err != nil || seen[k] || k != strings.ToLower(k) || keys.Decode(new(anyJSON)) != nil {
+				return fmt.Errorf("%w: malformed, repeated or unknown field %q", errInvalid, k)
 			}
 			seen[k] = true
-			err = keys.Decode(new(anyJSON))
 		}
 	}
 	dec := json.NewDecoder(bytes.NewReader(raw))
 	dec.DisallowUnknownFields()
-	err = dec.Decode(v)
+	err := dec.Decode(v)
 	if err == nil && dec.Decode(new(anyJSON)) != io.EOF {
 		err = errors.New("unexpected data after the JSON object")
 	}
@@ -232,42 +227,23 @@ type anyJSON struct{}
 
 func (*anyJSON) UnmarshalJSON([]byte) error { return nil }
 
-// budget bounds the bytes of request bodies held at once, with their decoded copies: a
-// request waits up to 5 s for its share, then is answered 503.
-type budget struct {
-	mu    sync.Mutex // guards free and freed
-	free  int64
-	freed chan struct{} // closed when bytes are given back
-}
+// Request bodies over smallBody bytes (or of unknown length) are held at most largeBodies
+// at once, with their decoded copies: another waits up to 5 s, then is answered 503. Bodies
+// up to smallBody bytes cost a connection no more than its headers (MaxHeaderBytes).
+const smallBody, largeBodies = 64 << 10, 32
 
-const bodyBudget = 32 << 20
-
-// take takes n bytes from the budget and returns the function that gives them back.
-func (b *budget) take(ctx context.Context, n int64) (func(), error) {
-	timeout := time.NewTimer(5 * time.Second)
-	defer timeout.Stop()
-	for {
-		b.mu.Lock()
-		if n <= b.free {
-			b.free -= n
-			b.mu.Unlock()
-			return func() {
-				b.mu.Lock()
-				defer b.mu.Unlock()
-				b.free += n
-				close(b.freed)
-				b.freed = make(chan struct{})
-			}, nil
-		}
-		freed := b.freed
-		b.mu.Unlock()
-		select {
-		case <-freed:
-		case <-timeout.C:
-			return nil, &retryError{after: time.Second, err: fmt.Errorf("%w: too many large requests at once", errBusy)}
-		case <-ctx.Done():
-			return nil, ctx.Err()
-		}
+// takeBody waits for the right to read r's body and returns the function that gives it back.
+func (s *server) takeBody(r *http.Request) (func(), error) {
+	if r.ContentLength >= 0 && r.ContentLength <= smallBody {
+		return func() {}, nil
+	}
+	select {
+	case s.largeBodies <- struct{}{}:
+		return func() { <-s.largeBodies }, nil
+	case <-time.After(5 * time.Second):
+		return nil, &retryError{after: time.Second, err: fmt.Errorf("%w: too many large requests at once", errBusy)}
+	case <-r.Context().Done():
+		return nil, r.Context().Err()
 	}
 }
 
@@ -311,24 +287,22 @@ func (s *server) createUser(r *http.Request, _ caller, req *createReq) (any, err
 	if req.Password == nil || req.Tenant == nil {
 		return nil, fmt.Errorf("%w: username, password and tenant_name are required", errInvalid)
 	}
-	hash, err := s.checkUser(r.Context(), req)
+	hash, err := s.validate(r.Context(), req.Username, req.userFields)
 	if err != nil {
 		return nil, err
 	}
-	u, err := s.db.updateUser(req.Username, true, func(u *user) error {
-		u.ID = newID()
+	id := newID()
+	_, err = s.db.updateUser(req.Username, true, func(u *user) error {
+		u.ID = id
 		s.apply(u, req.userFields, hash)
 		return nil
 	})
-	if err != nil {
-		return nil, err
-	}
-	return map[string]string{"id": u.ID}, nil
+	return map[string]string{"id": id}, err
 }
 
 // updateUser changes the given fields; absent fields stay as they are.
 func (s *server) updateUser(r *http.Request, _ caller, req *createReq) (any, error) {
-	hash, err := s.checkUser(r.Context(), req)
+	hash, err := s.validate(r.Context(), req.Username, req.userFields)
 	if err != nil {
 		return nil, err
 	}
@@ -342,16 +316,6 @@ func (s *server) updateUser(r *http.Request, _ caller, req *createReq) (any, err
 		s.hub.kick(u.Username) // streams of the old tenant, or of ended tokens, end
 	}
 	return u, err
-}
-
-// checkUser validates the fields of a create or update and hashes a new password, before
-// the database's write lock is taken.
-func (s *server) checkUser(ctx context.Context, req *createReq) (hash string, err error) {
-	err = s.validate(ctx, req.Username, req.userFields)
-	if err == nil && req.Password != nil {
-		hash, err = s.hashPassword(ctx, *req.Password)
-	}
-	return hash, err
 }
 
 type loginReq struct {
@@ -421,7 +385,8 @@ func (s *server) createQR(r *http.Request, _ caller, req *struct {
 	if err != nil {
 		return nil, err
 	}
-	png, err := qrPNG(otpauthURL(req.Issuer, u.Username, u.TOTPSecret))
+	// 320 pixels with a quiet zone: easy to scan off a screen.
+	png, err := qrcode.Encode(otpauthURL(req.Issuer, u.Username, u.TOTPSecret), qrcode.Medium, 320)
 	return map[string][]byte{"qr": png}, err
 }
 
@@ -460,8 +425,10 @@ func (s *server) passwordReset(r *http.Request, _ caller, req *struct {
 	}
 	u, err := s.db.getUser(req.Username)
 	ok := err == nil && validResetCode(u, *req.TOTP, s.now())
-	if end(!ok && (err == nil || errors.Is(err, errNotFound))); !ok {
-		return nil, cmp.Or(ignoreNotFound(err), errBadCode)
+	if end(!ok && (err == nil || errors.Is(err, errNotFound))); !ok && (err == nil || errors.Is(err, errNotFound)) {
+		return nil, errBadCode
+	} else if !ok {
+		return nil, err
 	}
 	err = s.checkPassword(r.Context(), *req.Password, u.Username, deref(u.Email))
 	hash := ""
@@ -483,13 +450,6 @@ func (s *server) passwordReset(r *http.Request, _ caller, req *struct {
 		s.hub.kick(req.Username)
 	}
 	return struct{}{}, err
-}
-
-func ignoreNotFound(err error) error {
-	if errors.Is(err, errNotFound) {
-		return nil
-	}
-	return err
 }
 
 func (s *server) verify(r *http.Request, c caller, _ *struct{}) (any, error) {
@@ -563,17 +523,15 @@ func (s *server) backup(r *http.Request, _ caller, _ *adminReq) (any, error) {
 		h.Set("Content-Disposition", `attachment; filename="broker.db"`)
 		h.Set("Content-Length", strconv.FormatInt(size, 10))
 		h.Set("Cache-Control", "no-store")
-		rc := http.NewResponseController(w)
-		for buf := make([]byte, 64<<10); ; {
-			n, err := f.Read(buf)
-			if err == nil {
-				rc.SetWriteDeadline(time.Now().Add(writeTimeout))
-				_, err = w.Write(buf[:n])
-			}
-			if err != nil {
-				rc.SetWriteDeadline(time.Time{})
-				return // io.EOF, or the status line is gone: the client sees a short download
-			}
-		}
+		io.Copy(deadlineWriter{w}, f) // on failure the status line is gone: the client sees a short download
+		http.NewResponseController(w).SetWriteDeadline(time.Time{})
 	}), nil
+}
+
+// deadlineWriter gives each write writeTimeout: a client that stops reading is let go.
+type deadlineWriter struct{ http.ResponseWriter }
+
+func (d deadlineWriter) Write(b []byte) (int, error) {
+	http.NewResponseController(d.ResponseWriter).SetWriteDeadline(time.Now().Add(writeTimeout))
+	return d.ResponseWriter.Write(b)
 }

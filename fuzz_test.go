@@ -64,7 +64,7 @@ func FuzzParseBasic(f *testing.F) {
 // (a valid object) or a JSON 400/401/413, never anything else.
 func FuzzDecodeRequest(f *testing.F) {
 	s := &server{log: slog.New(slog.NewTextHandler(io.Discard, nil)), adminHash: sha256.Sum256([]byte("letmein")), now: time.Now,
-		throttle: &throttle{maxKeys: 10, strikes: map[tkey]strike{}}, bodies: &budget{free: bodyBudget, freed: make(chan struct{})}}
+		throttle: &throttle{maxKeys: 10, strikes: map[tkey]strike{}}, largeBodies: make(chan struct{}, largeBodies)}
 	h := handle(s, admin, func(r *http.Request, _ caller, req *createReq) (any, error) { return req, nil })
 	for _, b := range []string{`{"admin_token":"letmein","username":"a","password":"b","tenant_name":"t"}`, `{}`, `{"a":1}{}`,
 		`{"admin_token":"letmein"} x`, strings.Repeat("[", 10001), "\xff", `{"admin_token":"letmein","data":{"x":[1,2,{"y":null}]}}`,

@@ -113,18 +113,18 @@ func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (c
 
 // server is broker: its settings, database, hub and what is derived from the settings.
 type server struct {
-	cfg       config
-	db        *store
-	hub       *hub
-	log       *slog.Logger
-	now       func() time.Time // the NTP-corrected clock; tests set their own
-	jwtKey    []byte
-	adminHash [32]byte
-	rootKey   ed25519.PrivateKey
-	dummyHash string        // hashed for unknown users, so they cost as much as known ones
-	hashSlots chan struct{} // bounds concurrent argon2 hashes (19 MiB each)
-	throttle  *throttle
-	bodies    *budget
+	cfg         config
+	db          *store
+	hub         *hub
+	log         *slog.Logger
+	now         func() time.Time // the NTP-corrected clock; tests set their own
+	jwtKey      []byte
+	adminHash   [32]byte
+	rootKey     ed25519.PrivateKey
+	dummyHash   string        // hashed for unknown users, so they cost as much as known ones
+	hashSlots   chan struct{} // bounds concurrent argon2 hashes (19 MiB each)
+	throttle    *throttle
+	largeBodies chan struct{} // turns to read a large request body
 }
 
 // newServer opens the database in cfg.db and builds the server around it.
@@ -141,8 +141,8 @@ func newServer(cfg config, log *slog.Logger, now func() time.Time) (_ *server, e
 	s := &server{
 		cfg: cfg, db: db, log: log, now: now, jwtKey: []byte(cfg.jwtSecret),
 		adminHash: sha256.Sum256([]byte(cfg.adminToken)), hashSlots: make(chan struct{}, 4),
-		throttle: &throttle{maxKeys: throttleKeys, strikes: map[tkey]strike{}},
-		bodies:   &budget{free: bodyBudget, freed: make(chan struct{})},
+		throttle:    &throttle{maxKeys: throttleKeys, strikes: map[tkey]strike{}},
+		largeBodies: make(chan struct{}, largeBodies),
 	}
 	s.hub, err = newHub(db, log, cfg)
 	if err == nil {

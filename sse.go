@@ -110,24 +110,20 @@ func (h *hub) commit(req *commitReq) {
 	for i, req := range batch {
 		evs[i] = req.ev
 	}
-	err := h.append(evs)
+	defer func() { // bbolt panics on some corrupt pages: the batch fails, not the process
+		if v := recover(); v != nil {
+			for _, req := range batch {
+				req.done <- fmt.Errorf("hub: commit: %v", v)
+			}
+		}
+	}()
+	err := h.db.appendEvents(evs)
 	if err == nil {
 		h.publish(evs)
 	}
 	for _, req := range batch {
 		req.done <- err
 	}
-}
-
-// append commits evs; bbolt panics on some corrupt pages, which fails the batch rather
-// than the process.
-func (h *hub) append(evs []*event) (err error) {
-	defer func() {
-		if v := recover(); v != nil {
-			err = fmt.Errorf("hub: commit: %v", v)
-		}
-	}()
-	return h.db.appendEvents(evs)
 }
 
 // publish hands committed events, in ID order, to their tenants' subscribers. Each frame
@@ -179,10 +175,7 @@ func compactASCII(raw []byte) ([]byte, error) {
 			}
 		}
 	}
-	if bytes.Contains(out, []byte("retry:")) {
-		out = bytes.ReplaceAll(out, []byte("retry:"), []byte(`retr\u0079:`))
-	}
-	if len(out) > maxEventData {
+	if out = bytes.ReplaceAll(out, []byte("retry:"), []byte(`retr\u0079:`)); len(out) > maxEventData {
 		return nil, fmt.Errorf("%w: data over %d bytes (non-ASCII characters count as escaped, 6 bytes each)", errTooLarge, maxEventData)
 	}
 	return out, nil
@@ -291,13 +284,6 @@ func (s *subscriber) dropLocked() {
 	s.schedule()
 }
 
-// isEnding reports whether the stream is ending.
-func (s *subscriber) isEnding() bool {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.ending
-}
-
 // flush writes everything pending in one write (writev for plain TCP). A plain TCP stream
 // is written by the writer itself with a short deadline; if the client's socket is full,
 // or the stream is TLS or HTTP/2 (whose writes cannot resume after a timeout), the write
@@ -364,11 +350,9 @@ func (s *subscriber) finish() {
 			delete(h.perUser, s.user)
 		}
 		h.mu.Unlock()
-		s.mu.Lock()
-		if s.conn != nil {
+		if s.conn != nil { // set by the caller (the stream's handler), or before the stream was queued
 			rawConn(s.conn).Close()
 		}
-		s.mu.Unlock()
 		close(s.done)
 		h.streams.Done()
 	})
@@ -468,6 +452,9 @@ func (h *hub) close() {
 // every name, or everything after Last-Event-ID), then live events, with no gap and no
 // duplicate between the two.
 func (s *server) handleSSE(w http.ResponseWriter, r *http.Request) {
+	if tok := r.URL.Query().Get("access_token"); tok != "" && r.Header.Get("Authorization") == "" {
+		r.Header.Set("Authorization", "Bearer "+tok) // RFC 6750 §2.3: the browser's EventSource sends no headers
+	}
 	u, exp, err := s.authenticate(r)
 	var sub *subscriber
 	var upto uint64
@@ -482,7 +469,12 @@ func (s *server) handleSSE(w http.ResponseWriter, r *http.Request) {
 				sub.finish()
 			}
 		}()
-		err = s.stillValid(u)
+		// u is read again now that its stream is registered: a revocation, tenant move or
+		// new password committed while the request was authenticated is seen here, and one
+		// committed later ends the registered stream (hub.kick).
+		if cur, err2 := s.db.getUser(u.Username); err2 != nil || cur.Revoked || cur.Tenant != u.Tenant || cur.NotBefore != u.NotBefore || cur.Hash != u.Hash {
+			err = errBadToken
+		}
 	}
 	if err != nil {
 		s.fail(w, r, err)
@@ -530,7 +522,10 @@ func (s *server) handleSSE(w http.ResponseWriter, r *http.Request) {
 		if err == nil && len(buf) > 0 {
 			err = sub.write(net.Buffers{buf})
 		}
-		if err != nil || sub.isEnding() {
+		sub.mu.Lock()
+		ending := sub.ending
+		sub.mu.Unlock()
+		if err != nil || ending {
 			return
 		} else if last == 0 {
 			break
@@ -549,17 +544,6 @@ func (s *server) handleSSE(w http.ResponseWriter, r *http.Request) {
 			<-sub.done
 		}
 	}
-}
-
-// stillValid re-reads u after its stream was registered: a revocation, tenant move or new
-// password committed while the request was authenticated is seen here, and one committed
-// later ends the registered stream (hub.kick).
-func (s *server) stillValid(u *user) error {
-	cur, err := s.db.getUser(u.Username)
-	if err != nil || cur.Revoked || cur.Tenant != u.Tenant || cur.NotBefore != u.NotBefore || cur.Hash != u.Hash {
-		return errBadToken
-	}
-	return nil
 }
 
 // lastEventID reads Last-Event-ID (or ?last_event_id=). Browsers resend the header on their

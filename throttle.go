@@ -19,7 +19,8 @@ import (
 // cannot hold every hash slot.
 //
 // Keys are SHA-256 digests, so an entry has the same small size (about 100 bytes with the
-// map's overhead) whatever a client sends; at most maxKeys are held (about 10 MiB).
+// map's overhead) whatever a client sends; at most maxKeys are held (about 10 MiB), the
+// unlocked ones forgotten first when it is full.
 type throttle struct {
 	maxKeys int
 	mu      sync.Mutex // guards strikes
@@ -96,7 +97,7 @@ func (t *throttle) end(now time.Time, failed bool, keys []tkey) {
 				st.until = now.Add(min(time.Second<<min(st.fails-k.free, 20), 15*time.Minute))
 			}
 		}
-		t.put(k, st)
+		t.strikes[k] = st
 	}
 }
 
@@ -108,15 +109,6 @@ func (t *throttle) clear(keys ...tkey) {
 	for _, k := range keys {
 		st := t.strikes[k]
 		st.fails, st.until = 0, time.Time{}
-		t.put(k, st)
-	}
-}
-
-// put stores st, or deletes it when it holds nothing; t.mu must be held.
-func (t *throttle) put(k tkey, st strike) {
-	if st == (strike{}) {
-		delete(t.strikes, k)
-	} else {
 		t.strikes[k] = st
 	}
 }

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"crypto/tls"
 	"crypto/x509"
 	"errors"
@@ -36,18 +37,14 @@ func loadCert(certPath, keyPath string, now time.Time) (*tls.Certificate, error)
 // and, on --http_port, the ACME HTTP-01 challenge and a redirect of everything else.
 func (s *server) serveTLS(srv *http.Server, errc chan<- error) error {
 	var plain http.Handler = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		host, _, err := net.SplitHostPort(r.Host)
-		if err != nil {
-			host = strings.Trim(r.Host, "[]")
+		// To --domain when it is set: never to a name the client chose.
+		host := cmp.Or(s.cfg.domain, (&url.URL{Host: r.Host}).Hostname())
+		if s.cfg.httpsPort != 443 {
+			host = net.JoinHostPort(host, strconv.Itoa(s.cfg.httpsPort))
+		} else if strings.Contains(host, ":") {
+			host = "[" + host + "]"
 		}
-		if s.cfg.domain != "" {
-			host = s.cfg.domain // never redirect to a name the client chose
-		}
-		u := url.URL{Scheme: "https", Host: net.JoinHostPort(host, strconv.Itoa(s.cfg.httpsPort)), Path: r.URL.Path, RawQuery: r.URL.RawQuery}
-		if s.cfg.httpsPort == 443 {
-			u.Host = strings.TrimSuffix(u.Host, ":443")
-		}
-		http.Redirect(w, r, u.String(), http.StatusMovedPermanently)
+		http.Redirect(w, r, (&url.URL{Scheme: "https", Host: host, Path: r.URL.Path, RawQuery: r.URL.RawQuery}).String(), http.StatusMovedPermanently)
 	})
 	if s.cfg.autoCert {
 		m := &autocert.Manager{

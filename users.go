@@ -25,7 +25,6 @@ import (
 
 	"github.com/pquerna/otp"
 	"github.com/pquerna/otp/hotp"
-	"github.com/skip2/go-qrcode"
 	"github.com/trustelem/zxcvbn"
 	"golang.org/x/crypto/argon2"
 )
@@ -104,27 +103,27 @@ func validName(s string, username bool) bool {
 	})
 }
 
-// validate checks the given fields by the rules of CONTRACT §2.
-func (s *server) validate(ctx context.Context, username string, f userFields) error {
+// validate checks the given fields by the rules of CONTRACT §2 and hashes a new password,
+// before the database's write lock is taken.
+func (s *server) validate(ctx context.Context, username string, f userFields) (hash string, err error) {
 	scopes, data := deref(f.Scopes), deref(f.Data)
 	switch {
 	case !validName(username, true):
-		return fmt.Errorf("%w: username must be 1-64 characters without spaces, control characters or ':'", errInvalid)
+		err = fmt.Errorf("%w: username must be 1-64 characters without spaces, control characters or ':'", errInvalid)
 	case f.Tenant != nil && !validName(*f.Tenant, false):
-		return fmt.Errorf("%w: tenant_name must be 1-64 characters without control characters", errInvalid)
+		err = fmt.Errorf("%w: tenant_name must be 1-64 characters without control characters", errInvalid)
 	case len(scopes) > maxScopes || slices.ContainsFunc(scopes, func(sc string) bool { return len(sc) > maxScopeBytes || !scopeRE.MatchString(sc) }):
-		return fmt.Errorf("%w: scopes: at most %d of at most %d bytes, each resource:operation", errInvalid, maxScopes, maxScopeBytes)
+		err = fmt.Errorf("%w: scopes: at most %d of at most %d bytes, each resource:operation", errInvalid, maxScopes, maxScopeBytes)
 	case len(data) > maxUserData || !utf8.Valid(data):
-		return fmt.Errorf("%w: data must be JSON in UTF-8 of at most %d bytes", errInvalid, maxUserData)
-	case f.Email != nil:
-		if err := checkEmail(*f.Email); err != nil {
-			return err
+		err = fmt.Errorf("%w: data must be JSON in UTF-8 of at most %d bytes", errInvalid, maxUserData)
+	case f.Email != nil && !validEmail(*f.Email):
+		err = fmt.Errorf("%w: email must be a plain address whose domain is not a throwaway-mail domain", errInvalid)
+	case f.Password != nil:
+		if err = s.checkPassword(ctx, *f.Password, username, deref(f.Email)); err == nil {
+			hash, err = s.hashPassword(ctx, *f.Password)
 		}
 	}
-	if f.Password != nil {
-		return s.checkPassword(ctx, *f.Password, username, deref(f.Email))
-	}
-	return nil
+	return hash, err
 }
 
 func deref[T any](p *T) (v T) {
@@ -134,20 +133,20 @@ func deref[T any](p *T) (v T) {
 	return v
 }
 
-// checkEmail accepts a plain local@domain.tld address whose domain (or a parent of it)
-// is not a throwaway-mail domain.
-func checkEmail(email string) error {
+// validEmail accepts a plain local@domain.tld address of at most maxEmail bytes whose
+// domain (or a parent of it) is not a throwaway-mail domain.
+func validEmail(email string) bool {
 	a, err := mail.ParseAddress(email)
 	_, domain, _ := strings.Cut(email, "@")
 	if err != nil || len(email) > maxEmail || a.Name != "" || a.Address != email || !domainRE.MatchString(domain) {
-		return fmt.Errorf("%w: invalid email", errInvalid)
+		return false
 	}
 	for d := strings.ToLower(domain); strings.Contains(d, "."); _, d, _ = strings.Cut(d, ".") {
 		if strings.HasPrefix(disposableDomains, d+"\n") || strings.Contains(disposableDomains, "\n"+d+"\n") {
-			return fmt.Errorf("%w: throwaway email domains are not accepted", errInvalid)
+			return false
 		}
 	}
-	return nil
+	return true
 }
 
 // checkPassword refuses empty and over-long passwords (never truncated) and, with
@@ -338,9 +337,6 @@ func otpauthURL(issuer, username, secret string) string {
 	q := url.Values{"secret": {secret}, "issuer": {issuer}, "algorithm": {"SHA1"}, "digits": {"6"}, "period": {"30"}}
 	return "otpauth://totp/" + url.PathEscape(issuer) + ":" + url.PathEscape(username) + "?" + q.Encode()
 }
-
-// qrPNG renders text as a 320-pixel PNG QR code with a quiet zone, easy to scan off a screen.
-func qrPNG(text string) ([]byte, error) { return qrcode.Encode(text, qrcode.Medium, 320) }
 
 // newResetCode returns a random 6-digit password-reset code.
 func newResetCode() string {
