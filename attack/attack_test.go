@@ -25,15 +25,15 @@ func TestParseVmRSS(t *testing.T) {
 	}
 }
 
-func TestParseCPUTicks(t *testing.T) {
+func TestParseStat(t *testing.T) {
 	// The name may hold spaces and parentheses; utime (14) = 250, stime (15) = 42.
 	stat := "4242 (bro ker) (x)) S 1 4242 4242 0 -1 4194560 1234 0 0 0 250 42 0 0 20 0 9 0 5555 999999 3000"
-	if got, err := parseCPUTicks(stat); err != nil || got != 292 {
-		t.Errorf("parseCPUTicks = %d, %v; want 292", got, err)
+	if state, got, err := parseStat(stat); err != nil || got != 292 || state != "S" {
+		t.Errorf("parseStat = %q, %d, %v; want S, 292", state, got, err)
 	}
 	for _, bad := range []string{"", "1 (x) S 1 2", "1 (x) S 1 2 3 4 5 6 7 8 9 10 x 0"} {
-		if _, err := parseCPUTicks(bad); err == nil {
-			t.Errorf("parseCPUTicks(%q) succeeded", bad)
+		if _, _, err := parseStat(bad); err == nil {
+			t.Errorf("parseStat(%q) succeeded", bad)
 		}
 	}
 }

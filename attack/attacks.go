@@ -39,7 +39,7 @@ func randomPrintable(n int) string {
 // random password, which the broker should refuse cheaply (401/429) rather than
 // estimating the password's strength first.
 func attackZxcvbn(ctx context.Context, e *env, r *report) error {
-	c := e.client(45 * time.Second)
+	c := e.client(50 * time.Second)
 	defer c.close()
 	a, err := c.newAccount(ctx, "zx", "zx", nil)
 	if err != nil {
@@ -47,7 +47,7 @@ func attackZxcvbn(ctx context.Context, e *env, r *report) error {
 	}
 	var counts counter
 	var lat maxDuration
-	sent := parallel(ctx, 180, 60, func(int) {
+	sent := parallel(ctx, 60, 60, func(int) {
 		start := time.Now()
 		status, _, err := c.postJSON(ctx, "/password_reset", map[string]string{"username": a.name, "totp": "000000", "password": randomPrintable(1024)})
 		counts.add(status, err)
@@ -283,8 +283,9 @@ func attackBackup(ctx context.Context, e *env, r *report) error {
 	return nil
 }
 
-// attackHashSlots: 40 clients log in to one account in a loop for 15 s; meanwhile another
-// user logs in once a second and should still get in quickly.
+// attackHashSlots: 40 clients, each from its own address, log in to one account in a loop
+// for 15 s; meanwhile another user, from another address, logs in once a second and should
+// still get in quickly.
 func attackHashSlots(ctx context.Context, e *env, r *report) error {
 	c := e.client(20 * time.Second)
 	defer c.close()
@@ -298,7 +299,7 @@ func attackHashSlots(ctx context.Context, e *env, r *report) error {
 	}
 	loadCtx, cancel := context.WithTimeout(ctx, 15*time.Second)
 	defer cancel()
-	login := func(acc account) (int, error) {
+	login := func(c *client, acc account) (int, error) {
 		status, _, err := c.postJSON(ctx, "/login", map[string]string{"username": acc.name, "password": acc.password})
 		return status, err
 	}
@@ -307,8 +308,10 @@ func attackHashSlots(ctx context.Context, e *env, r *report) error {
 	var wg sync.WaitGroup
 	for range 40 {
 		wg.Go(func() {
+			lc := e.client(20 * time.Second)
+			defer lc.close()
 			for loadCtx.Err() == nil {
-				load.add(login(a))
+				load.add(login(lc, a))
 			}
 		})
 	}
@@ -316,7 +319,7 @@ func attackHashSlots(ctx context.Context, e *env, r *report) error {
 	defer tick.Stop()
 	for loadCtx.Err() == nil {
 		start := time.Now()
-		other.add(login(b))
+		other.add(login(c, b))
 		lat.add(time.Since(start))
 		select {
 		case <-loadCtx.Done():

@@ -31,20 +31,21 @@ func parseVmRSS(status string) (int64, error) {
 	return 0, errors.New("no VmRSS line")
 }
 
-// parseCPUTicks returns utime+stime (clock ticks) of a /proc/<pid>/stat text. The command
-// name, in parentheses, may hold spaces and parentheses: fields are counted after the last ')'.
-func parseCPUTicks(stat string) (int64, error) {
+// parseStat returns the state (R, S, Z...) and utime+stime (clock ticks) of a
+// /proc/<pid>/stat text. The command name, in parentheses, may hold spaces and
+// parentheses: fields are counted after the last ')'.
+func parseStat(stat string) (state string, ticks int64, err error) {
 	i := strings.LastIndexByte(stat, ')')
 	if i < 0 {
-		return 0, errors.New("malformed stat: no ')'")
+		return "", 0, errors.New("malformed stat: no ')'")
 	}
 	f := strings.Fields(stat[i+1:]) // f[0] is field 3 (state); utime is field 14, stime 15
 	if len(f) < 13 {
-		return 0, fmt.Errorf("malformed stat: %d fields after the name", len(f))
+		return "", 0, fmt.Errorf("malformed stat: %d fields after the name", len(f))
 	}
 	utime, err1 := strconv.ParseInt(f[11], 10, 64)
 	stime, err2 := strconv.ParseInt(f[12], 10, 64)
-	return utime + stime, errors.Join(err1, err2)
+	return f[0], utime + stime, errors.Join(err1, err2)
 }
 
 func readRSS(pid int) (int64, error) {
@@ -60,7 +61,10 @@ func readCPU(pid int) (time.Duration, error) {
 	if err != nil {
 		return 0, err
 	}
-	ticks, err := parseCPUTicks(string(b))
+	state, ticks, err := parseStat(string(b))
+	if err == nil && (state == "Z" || state == "X") {
+		err = fmt.Errorf("process %d has exited", pid)
+	}
 	return time.Duration(ticks) * time.Second / clkTck, err
 }
 
