@@ -215,7 +215,7 @@ func decodeJSON(raw []byte, v any) error {
 	}
 	var typeErr *json.UnmarshalTypeError
 	if errors.As(err, &typeErr) {
-		return fmt.Errorf("%w: %s has the wrong JSON type", errInvalid, cmp.Or(strconv.Quote(typeErr.Field), "the body"))
+		return fmt.Errorf("%w: wrong JSON type at %q", errInvalid, cmp.Or(typeErr.Field, "the body"))
 	} else if err != nil {
 		return fmt.Errorf("%w: %s", errInvalid, strings.TrimPrefix(err.Error(), "json: "))
 	}
