@@ -514,6 +514,12 @@ func (s *server) handleSSE(w http.ResponseWriter, r *http.Request) {
 		after = 0
 	}
 	for {
+		sub.mu.Lock()
+		ending := sub.ending // dropped or ended meanwhile
+		sub.mu.Unlock()
+		if ending {
+			return
+		}
 		var last uint64
 		err := s.db.eachEvent(sub.tenant, latest, after, upto, func(id uint64, name, data []byte) bool {
 			buf, last = appendFrame(buf, id, name, data), id
@@ -522,10 +528,7 @@ func (s *server) handleSSE(w http.ResponseWriter, r *http.Request) {
 		if err == nil && len(buf) > 0 {
 			err = sub.write(net.Buffers{buf})
 		}
-		sub.mu.Lock()
-		ending := sub.ending
-		sub.mu.Unlock()
-		if err != nil || ending {
+		if err != nil {
 			return
 		} else if last == 0 {
 			break
