@@ -4,8 +4,6 @@ import (
 	"bytes"
 	"cmp"
 	"crypto/ed25519"
-	"crypto/sha256"
-	"crypto/subtle"
 	"embed"
 	"encoding/json"
 	"errors"
@@ -34,12 +32,11 @@ var (
 
 // retryError is errTooMany or errBusy with the pause the client must wait (Retry-After).
 type retryError struct {
+	error
 	after time.Duration
-	err   error
 }
 
-func (e *retryError) Error() string { return e.err.Error() }
-func (e *retryError) Unwrap() error { return e.err }
+func (e *retryError) Unwrap() error { return e.error }
 
 // access says who may call an endpoint.
 type access int
@@ -70,7 +67,16 @@ func (s *server) routes() http.Handler {
 	mux.HandleFunc("GET /verify", handle(s, signedIn, s.verify))
 	mux.HandleFunc("GET /sse", s.handleSSE) // signed in, by a header or ?access_token=
 	mux.HandleFunc("POST /backup", handle(s, admin, s.backup))
-	mux.Handle("GET /admin/", console())
+	// The console, under a strict Content-Security-Policy: scripts and styles only from its
+	// own files, images also as data: URLs (the QR code).
+	web, _ := fs.Sub(webFiles, "web")
+	files := http.StripPrefix("/admin/", http.FileServerFS(web))
+	mux.HandleFunc("GET /admin/", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Security-Policy", "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
+		w.Header().Set("X-Frame-Options", "DENY")
+		w.Header().Set("Referrer-Policy", "no-referrer")
+		files.ServeHTTP(w, r)
+	})
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) { s.fail(w, r, errNotFound) })
 	return s.common(mux)
 }
@@ -112,23 +118,6 @@ type adminReq struct {
 
 func (a *adminReq) token() string { return a.AdminToken }
 
-// checkAdmin compares token with --admin_token through SHA-256 digests, so the comparison
-// takes the same time whatever the token's length or content. Wrong tokens are throttled
-// per client address like logins, and logged.
-func (s *server) checkAdmin(r *http.Request, token string) error {
-	end, err := s.throttle.begin(s.now(), addrKey("admin", r))
-	if err != nil {
-		return err
-	}
-	got := sha256.Sum256([]byte(token))
-	wrong := subtle.ConstantTimeCompare(got[:], s.adminHash[:]) != 1
-	if end(wrong); wrong {
-		s.log.Warn("wrong admin token", "addr", clientAddr(r), "path", r.URL.Path)
-		return fmt.Errorf("%w: wrong admin token", errUnauthorized)
-	}
-	return nil
-}
-
 // userReq names the user an admin request is about.
 type userReq struct {
 	adminReq
@@ -140,9 +129,6 @@ type caller struct {
 	*user
 	exp int64
 }
-
-// download is an answer that writes itself (the backup).
-type download func(http.ResponseWriter)
 
 const maxBody = 1 << 20 // bytes of a request body
 
@@ -181,8 +167,8 @@ func handle[T any](s *server, who access, act func(r *http.Request, c caller, re
 		if err == nil {
 			out, err = act(r, c, req)
 		}
-		if d, ok := out.(download); ok && err == nil {
-			d(w)
+		if d, ok := out.(http.Handler); ok && err == nil { // an answer that writes itself (the backup)
+			d.ServeHTTP(w, r)
 		} else if err != nil {
 			s.fail(w, r, err)
 		} else {
@@ -241,7 +227,7 @@ func (s *server) takeBody(r *http.Request) (func(), error) {
 	case s.largeBodies <- struct{}{}:
 		return func() { <-s.largeBodies }, nil
 	case <-time.After(5 * time.Second):
-		return nil, &retryError{after: time.Second, err: fmt.Errorf("%w: too many large requests at once", errBusy)}
+		return nil, &retryError{after: time.Second, error: fmt.Errorf("%w: too many large requests at once", errBusy)}
 	case <-r.Context().Done():
 		return nil, r.Context().Err()
 	}
@@ -379,11 +365,10 @@ func (s *server) createQR(r *http.Request, _ caller, req *struct {
 		return nil, fmt.Errorf("%w: issuer must be 1-64 characters without ':'", errInvalid)
 	}
 	u, err := s.db.getUser(req.Username)
-	if err == nil && !u.TwoFactor {
-		err = fmt.Errorf("%w: the user needs two_factor on", errInvalid)
-	}
 	if err != nil {
 		return nil, err
+	} else if !u.TwoFactor {
+		return nil, fmt.Errorf("%w: the user needs two_factor on", errInvalid)
 	}
 	// 320 pixels with a quiet zone: easy to scan off a screen.
 	png, err := qrcode.Encode(otpauthURL(req.Issuer, u.Username, u.TOTPSecret), qrcode.Medium, 320)
@@ -430,11 +415,7 @@ func (s *server) passwordReset(r *http.Request, _ caller, req *struct {
 	} else if !ok {
 		return nil, err
 	}
-	err = s.checkPassword(r.Context(), *req.Password, u.Username, deref(u.Email))
-	hash := ""
-	if err == nil {
-		hash, err = s.hashPassword(r.Context(), *req.Password)
-	}
+	hash, err := s.hashPassword(r.Context(), *req.Password, u.Username, deref(u.Email))
 	if err == nil {
 		_, err = s.db.updateUser(req.Username, false, func(u *user) error {
 			if !validResetCode(u, *req.TOTP, s.now()) {
@@ -464,12 +445,10 @@ func (s *server) verify(r *http.Request, c caller, _ *struct{}) (any, error) {
 	}, nil
 }
 
-func numbers(b []byte) []int {
-	a := make([]int, len(b))
-	for i, c := range b {
-		a[i] = int(c)
-	}
-	return a
+// numbers is b as a JSON array of numbers, where encoding/json would write base64: fmt
+// prints a byte slice as "[1 2 3]".
+func numbers(b []byte) json.RawMessage {
+	return json.RawMessage(strings.ReplaceAll(fmt.Sprint(b), " ", ","))
 }
 
 var eventNameRE = regexp.MustCompile(`^[A-Za-z0-9_./-]{1,128}$`)
@@ -494,19 +473,6 @@ func (s *server) insert(r *http.Request, c caller, req *struct {
 //go:embed web/index.html web/app.js web/style.css
 var webFiles embed.FS
 
-// console serves the admin console under a strict Content-Security-Policy: scripts and
-// styles only from its own files, images also as data: URLs (the QR code).
-func console() http.Handler {
-	web, _ := fs.Sub(webFiles, "web")
-	files := http.StripPrefix("/admin/", http.FileServerFS(web))
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		w.Header().Set("Content-Security-Policy", "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
-		w.Header().Set("X-Frame-Options", "DENY")
-		w.Header().Set("Referrer-Policy", "no-referrer")
-		files.ServeHTTP(w, r)
-	})
-}
-
 // backup answers a consistent snapshot of the live database. It is copied to a
 // temporary file first, so a slow download does not hold the database's read transaction
 // (which would stall inserts that grow the file); a download that stops reading for
@@ -516,14 +482,14 @@ func (s *server) backup(r *http.Request, _ caller, _ *adminReq) (any, error) {
 	if err != nil {
 		return nil, err
 	}
-	return download(func(w http.ResponseWriter) {
+	return http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
 		defer f.Close()
 		h := w.Header()
 		h.Set("Content-Type", "application/octet-stream")
 		h.Set("Content-Disposition", `attachment; filename="broker.db"`)
 		h.Set("Content-Length", strconv.FormatInt(size, 10))
 		h.Set("Cache-Control", "no-store")
-		io.Copy(deadlineWriter{w}, f) // on failure the status line is gone: the client sees a short download
+		io.Copy(deadlineWriter{w}, io.NewSectionReader(f, 0, size)) // on failure the status line is gone: the client sees a short download
 		http.NewResponseController(w).SetWriteDeadline(time.Time{})
 	}), nil
 }

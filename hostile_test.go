@@ -394,7 +394,7 @@ func TestFanoutSharesFrames(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	defer func() { // never ready, so no handler or writer would finish them
+	defer func() { // still syncing, so no handler or writer would finish them
 		for _, s := range subs {
 			s.finish()
 		}

@@ -6,7 +6,6 @@ package main
 import (
 	"context"
 	"crypto/ed25519"
-	"crypto/rand"
 	"crypto/sha256"
 	"errors"
 	"flag"
@@ -83,19 +82,17 @@ func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (c
 	fs.IntVar(&c.maxUserStreams, "max_user_streams", 1000, "most event streams open at once per user")
 	fs.DurationVar(&c.heartbeat, "heartbeat", 30*time.Second, "silence after which a stream gets a keep-alive")
 	fs.BoolVar(&c.showVersion, "version", false, "print the version and exit")
-	var err error
+	var errs []error
 	fs.VisitAll(func(f *flag.Flag) {
 		env := "BROKER_" + strings.ToUpper(f.Name)
-		if v := getenv(env); v != "" && err == nil {
-			if err = f.Value.Set(v); err != nil {
-				err = fmt.Errorf("%s: %w", env, err)
+		if v := getenv(env); v != "" {
+			if err := f.Value.Set(v); err != nil {
+				errs = append(errs, fmt.Errorf("%s: %w", env, err))
 			}
 			f.DefValue = v
 		}
 	})
-	if err == nil {
-		err = fs.Parse(args)
-	}
+	err := errors.Join(append(errs, fs.Parse(args))...)
 	switch {
 	case err != nil:
 		return c, err
@@ -118,7 +115,6 @@ type server struct {
 	hub         *hub
 	log         *slog.Logger
 	now         func() time.Time // the NTP-corrected clock; tests set their own
-	jwtKey      []byte
 	adminHash   [32]byte
 	rootKey     ed25519.PrivateKey
 	dummyHash   string        // hashed for unknown users, so they cost as much as known ones
@@ -139,7 +135,7 @@ func newServer(cfg config, log *slog.Logger, now func() time.Time) (_ *server, e
 		return nil, err
 	}
 	s := &server{
-		cfg: cfg, db: db, log: log, now: now, jwtKey: []byte(cfg.jwtSecret),
+		cfg: cfg, db: db, log: log, now: now,
 		adminHash: sha256.Sum256([]byte(cfg.adminToken)), hashSlots: make(chan struct{}, 4),
 		throttle:    &throttle{maxKeys: throttleKeys, strikes: map[tkey]strike{}},
 		largeBodies: make(chan struct{}, largeBodies),
@@ -149,7 +145,7 @@ func newServer(cfg config, log *slog.Logger, now func() time.Time) (_ *server, e
 		s.rootKey, err = db.rootKey()
 	}
 	if err == nil {
-		s.dummyHash, err = s.hashPassword(context.Background(), rand.Text())
+		s.dummyHash, err = s.hashPassword(context.Background(), newID())
 	}
 	if err != nil {
 		s.close()

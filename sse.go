@@ -2,10 +2,13 @@ package main
 
 import (
 	"bytes"
+	"cmp"
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net"
 	"net/http"
 	"os"
@@ -31,18 +34,18 @@ import (
 // stream holds no goroutine and no net/http buffers, only its socket and a subscriber; a
 // sweep every few seconds sends heartbeats and finds clients that have gone.
 type hub struct {
-	db                         *store
-	log                        *slog.Logger
-	maxStreams, maxUserStreams int
-	heartbeat, sweepEvery      time.Duration
-	inserts                    chan *commitReq
-	work                       chan *subscriber // subscribers with something to write, each once
-	stop                       chan struct{}
-	loops, streams             sync.WaitGroup // the hub's goroutines; open streams
+	db             *store
+	log            *slog.Logger
+	cfg            config // maxStreams, maxUserStreams, heartbeat
+	inserts        chan *event
+	work           chan *subscriber // subscribers with something to write, each once
+	stop           chan struct{}
+	loops, streams sync.WaitGroup // the hub's goroutines; open streams
 
 	mu      sync.Mutex                      // guards the fields below
 	subs    map[string]map[*subscriber]bool // by tenant
 	perUser map[string]int
+	total   int               // open streams
 	lastID  map[string]uint64 // the last published event ID of each tenant
 	closed  bool
 }
@@ -54,33 +57,23 @@ const (
 	writeTimeout = 5 * time.Second // a write that takes longer ends the stream
 )
 
-type commitReq struct {
-	ev   *event
-	done chan error
-}
-
 func newHub(db *store, log *slog.Logger, cfg config) (*hub, error) {
 	seqs, err := db.sequences()
 	h := &hub{
-		db: db, log: log, maxStreams: cfg.maxStreams, maxUserStreams: cfg.maxUserStreams,
-		heartbeat: cfg.heartbeat, sweepEvery: min(5*time.Second, cfg.heartbeat/2),
-		inserts: make(chan *commitReq, 1000), work: make(chan *subscriber, cfg.maxStreams), stop: make(chan struct{}),
+		db: db, log: log, cfg: cfg,
+		inserts: make(chan *event, 1000), work: make(chan *subscriber, cfg.maxStreams), stop: make(chan struct{}),
 		subs: map[string]map[*subscriber]bool{}, perUser: map[string]int{}, lastID: seqs,
 	}
-	// A writer per core: fewer writers than streams are what lets events batch.
-	writers := runtime.GOMAXPROCS(0)
-	h.loops.Add(writers + 2)
-	go loop(h, h.inserts, h.commit)
-	go loop(h, time.NewTicker(h.sweepEvery).C, h.sweep)
-	for range writers {
-		go loop(h, h.work, (*subscriber).flush)
+	h.loops.Go(func() { loop(h, h.inserts, h.commit) })
+	h.loops.Go(func() { loop(h, time.NewTicker(min(5*time.Second, cfg.heartbeat/2)).C, h.sweep) })
+	for range runtime.GOMAXPROCS(0) { // a writer per core: fewer writers than streams are what lets events batch
+		h.loops.Go(func() { loop(h, h.work, (*subscriber).flush) })
 	}
 	return h, err
 }
 
 // loop calls f with every value from c until the hub stops.
 func loop[T any](h *hub, c <-chan T, f func(T)) {
-	defer h.loops.Done()
 	for {
 		select {
 		case v := <-c:
@@ -93,36 +86,30 @@ func loop[T any](h *hub, c <-chan T, f func(T)) {
 
 // insert commits ev durably and returns its ID.
 func (h *hub) insert(ev *event) (uint64, error) {
-	req := &commitReq{ev: ev, done: make(chan error, 1)}
-	h.inserts <- req
-	err := <-req.done
+	ev.done = make(chan error, 1)
+	h.inserts <- ev
+	err := <-ev.done
 	return ev.ID, err
 }
 
-// commit commits req and every insert waiting behind it in one transaction, then
-// publishes them and answers their requests.
-func (h *hub) commit(req *commitReq) {
-	batch := []*commitReq{req}
-	for len(batch) < cap(h.inserts) && len(h.inserts) > 0 {
-		batch = append(batch, <-h.inserts)
+// commit commits ev and every insert waiting behind it in one transaction, then
+// publishes them and answers their inserts.
+func (h *hub) commit(ev *event) {
+	evs := []*event{ev}
+	for len(evs) < cap(h.inserts) && len(h.inserts) > 0 {
+		evs = append(evs, <-h.inserts)
 	}
-	evs := make([]*event, len(batch))
-	for i, req := range batch {
-		evs[i] = req.ev
-	}
-	defer func() { // bbolt panics on some corrupt pages: the batch fails, not the process
-		if v := recover(); v != nil {
-			for _, req := range batch {
-				req.done <- fmt.Errorf("hub: commit: %v", v)
-			}
+	var err error
+	defer func() {
+		if v := recover(); v != nil { // bbolt panics on some corrupt pages: the batch fails, not the process
+			err = fmt.Errorf("hub: commit: %v", v)
+		}
+		for _, ev := range evs {
+			ev.done <- err
 		}
 	}()
-	err := h.db.appendEvents(evs)
-	if err == nil {
+	if err = h.db.appendEvents(evs); err == nil {
 		h.publish(evs)
-	}
-	for _, req := range batch {
-		req.done <- err
 	}
 }
 
@@ -184,9 +171,9 @@ func compactASCII(raw []byte) ([]byte, error) {
 // subscriber is one open event stream.
 //
 // Its states, under mu:
-//   - syncing (!ready): the stream's handler writes the backlog; live frames collect in
-//     pending. The handler sets ready (and queues s if frames wait) when the backlog is out.
-//   - idle (ready, !queued): enqueue (from publish, under h.mu, or the sweep) adds a frame
+//   - syncing: the stream's handler writes the backlog, holding queued as a writer would;
+//     live frames collect in pending. When the backlog is out it calls written, like a writer.
+//   - idle (!queued): enqueue (from publish, under h.mu, or the sweep) adds a frame
 //     and queues s on h.work, setting queued.
 //   - queued: one writer owns the write: flush takes what is pending, writes it (or hands
 //     the write to a goroutine of its own) and, in written, clears queued and queues s again
@@ -201,7 +188,7 @@ type subscriber struct {
 	h            *hub
 	tenant, user string
 	expires      time.Time           // the credentials' expiry, on the local clock
-	w            http.ResponseWriter // HTTP/2 streams are written through w; set before ready
+	w            http.ResponseWriter // HTTP/2 streams are written through w; set while syncing
 	done         chan struct{}       // closed once the stream has ended
 	once         sync.Once
 
@@ -209,8 +196,7 @@ type subscriber struct {
 	conn      net.Conn    // the hijacked connection (HTTP/1.1), or nil
 	pending   net.Buffers // frames not yet written, shared with the tenant's other streams
 	size      int         // bytes in pending
-	ready     bool        // the backlog is written: live frames may follow
-	queued    bool        // on h.work or being written
+	queued    bool        // syncing, on h.work or being written
 	ending    bool        // end the stream once pending is written
 	lastWrite time.Time
 }
@@ -221,21 +207,18 @@ type subscriber struct {
 func (h *hub) subscribe(u *user, expires time.Time) (*subscriber, uint64, error) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	total := 0
-	for _, set := range h.subs {
-		total += len(set)
-	}
 	if h.closed {
-		return nil, 0, &retryError{after: time.Second, err: fmt.Errorf("%w: shutting down", errBusy)}
-	} else if total >= h.maxStreams || h.perUser[u.Username] >= h.maxUserStreams {
-		return nil, 0, &retryError{after: time.Second, err: fmt.Errorf("%w: too many open streams", errTooMany)}
+		return nil, 0, &retryError{after: time.Second, error: fmt.Errorf("%w: shutting down", errBusy)}
+	} else if h.total >= h.cfg.maxStreams || h.perUser[u.Username] >= h.cfg.maxUserStreams {
+		return nil, 0, &retryError{after: time.Second, error: fmt.Errorf("%w: too many open streams", errTooMany)}
 	}
-	s := &subscriber{h: h, tenant: u.Tenant, user: u.Username, expires: expires, done: make(chan struct{})}
+	s := &subscriber{h: h, tenant: u.Tenant, user: u.Username, expires: expires, done: make(chan struct{}), queued: true, lastWrite: time.Now()}
 	if h.subs[u.Tenant] == nil {
 		h.subs[u.Tenant] = map[*subscriber]bool{}
 	}
 	h.subs[u.Tenant][s] = true
 	h.perUser[u.Username]++
+	h.total++
 	h.streams.Add(1)
 	return s, h.lastID[u.Tenant], nil
 }
@@ -259,7 +242,7 @@ func (s *subscriber) enqueue(frame []byte) {
 
 // schedule queues s for a writer unless it is queued; s.mu must be held.
 func (s *subscriber) schedule() {
-	if s.ready && !s.queued {
+	if !s.queued {
 		s.queued = true
 		s.h.work <- s // never blocks: work has room for every stream
 	}
@@ -291,7 +274,7 @@ func (s *subscriber) dropLocked() {
 func (s *subscriber) flush() {
 	s.mu.Lock()
 	bufs, ending := s.pending, s.ending
-	s.pending, s.size, s.lastWrite = nil, 0, time.Now()
+	s.pending, s.size = nil, 0
 	s.mu.Unlock()
 	if tcp, ok := s.conn.(*net.TCPConn); ok {
 		tcp.SetWriteDeadline(time.Now().Add(10 * time.Millisecond))
@@ -312,7 +295,7 @@ func (s *subscriber) written(err error, ending bool) {
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.queued = false; len(s.pending) > 0 || s.ending {
+	if s.queued, s.lastWrite = false, time.Now(); len(s.pending) > 0 || s.ending {
 		s.schedule()
 	}
 }
@@ -328,9 +311,8 @@ func (s *subscriber) write(bufs net.Buffers) error {
 		_, err := bufs.WriteTo(s.conn)
 		return err
 	}
+	_, err := bufs.WriteTo(deadlineWriter{s.w})
 	rc := http.NewResponseController(s.w)
-	rc.SetWriteDeadline(time.Now().Add(writeTimeout))
-	_, err := bufs.WriteTo(s.w)
 	if err == nil {
 		err = rc.Flush()
 	}
@@ -349,6 +331,7 @@ func (s *subscriber) finish() {
 		if h.perUser[s.user]--; h.perUser[s.user] == 0 {
 			delete(h.perUser, s.user)
 		}
+		h.total--
 		h.mu.Unlock()
 		if s.conn != nil { // set by the caller (the stream's handler), or before the stream was queued
 			rawConn(s.conn).Close()
@@ -374,14 +357,12 @@ func (h *hub) all() []*subscriber {
 	defer h.mu.Unlock()
 	var all []*subscriber
 	for _, set := range h.subs {
-		for s := range set {
-			all = append(all, s)
-		}
+		all = slices.AppendSeq(all, maps.Keys(set))
 	}
 	return all
 }
 
-// keepAlive is sent after h.heartbeat of silence: a comment line without the blank line
+// keepAlive is sent after --heartbeat of silence: a comment line without the blank line
 // that would end a message. An EventSource ignores it. broker-client drops a line feed that
 // is not followed by another in the same read and keeps the ":" as a harmless prefix of
 // the next message; a ":\n\n" or a lone "\n" (after the previous frame's "\n\n") would
@@ -390,11 +371,11 @@ var keepAlive = []byte(":\n")
 
 // sweep, at now, ends streams whose credentials have expired and hijacked streams whose
 // client has gone (nothing else reads those sockets), and sends keep-alives to streams
-// silent for h.heartbeat.
+// silent for --heartbeat.
 func (h *hub) sweep(now time.Time) {
 	for _, s := range h.all() {
 		s.mu.Lock()
-		silent, conn := s.ready && now.Sub(s.lastWrite) >= h.heartbeat, s.conn
+		silent, conn := !s.queued && now.Sub(s.lastWrite) >= h.cfg.heartbeat, s.conn
 		s.mu.Unlock()
 		if now.After(s.expires) || conn != nil && peerClosed(conn) {
 			s.end()
@@ -456,26 +437,6 @@ func (s *server) handleSSE(w http.ResponseWriter, r *http.Request) {
 		r.Header.Set("Authorization", "Bearer "+tok) // RFC 6750 §2.3: the browser's EventSource sends no headers
 	}
 	u, exp, err := s.authenticate(r)
-	var sub *subscriber
-	var upto uint64
-	if err == nil && r.Method == http.MethodGet {
-		// The credentials' expiry, moved from the NTP clock to the local one of the sweep.
-		sub, upto, err = s.hub.subscribe(u, time.Now().Add(time.Unix(exp, 0).Sub(s.now())))
-	}
-	live := false
-	if sub != nil {
-		defer func() { // on every way out before the stream is live, a panic included
-			if !live {
-				sub.finish()
-			}
-		}()
-		// u is read again now that its stream is registered: a revocation, tenant move or
-		// new password committed while the request was authenticated is seen here, and one
-		// committed later ends the registered stream (hub.kick).
-		if cur, err2 := s.db.getUser(u.Username); err2 != nil || cur.Revoked || cur.Tenant != u.Tenant || cur.NotBefore != u.NotBefore || cur.Hash != u.Hash {
-			err = errBadToken
-		}
-	}
 	if err != nil {
 		s.fail(w, r, err)
 		return
@@ -484,35 +445,54 @@ func (s *server) handleSSE(w http.ResponseWriter, r *http.Request) {
 	h.Set("Content-Type", "text/event-stream")
 	h.Set("Cache-Control", "no-cache")
 	h.Set("X-Accel-Buffering", "no")
-	if sub == nil { // HEAD
+	if r.Method == http.MethodHead {
 		return
 	}
-	var buf []byte
+	// The credentials' expiry, moved from the NTP clock to the local one of the sweep.
+	sub, upto, err := s.hub.subscribe(u, time.Now().Add(time.Unix(exp, 0).Sub(s.now())))
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	live := false
+	defer func() { // on every way out before the stream is live, a panic included
+		if !live {
+			sub.finish()
+		}
+	}()
+	// u is read again now that its stream is registered: a revocation, tenant move or new
+	// password committed while the request was authenticated is seen here, and one
+	// committed later ends the registered stream (hub.kick).
+	if cur, err := s.db.getUser(u.Username); err != nil || cur.Revoked || cur.Tenant != u.Tenant || cur.NotBefore != u.NotBefore || cur.Hash != u.Hash {
+		s.fail(w, r, errBadToken)
+		return
+	}
+	// HTTP/1.1 without chunks: the body ends when the connection does (net/http adds
+	// Connection: close; HTTP/2 drops the header).
+	h.Set("Transfer-Encoding", "identity")
+	w.WriteHeader(http.StatusOK)
 	if hj, ok := w.(http.Hijacker); ok && r.ProtoMajor == 1 {
-		conn, _, err := hj.Hijack()
+		conn, _, err := hj.Hijack() // sends the header
 		if err != nil {
 			return
 		}
 		sub.mu.Lock()
 		sub.conn = conn
 		sub.mu.Unlock()
-		h.Set("Connection", "close") // the body ends when the connection does
-		var head bytes.Buffer
-		head.WriteString("HTTP/1.1 200 OK\r\n")
-		h.Write(&head)
-		buf = append(head.Bytes(), "\r\n"...)
 	} else {
 		sub.w = w
-		w.WriteHeader(http.StatusOK)
 		http.NewResponseController(w).Flush()
 	}
-	// In pages of about maxPage bytes, so a long history neither holds a read transaction
-	// open during slow writes nor fills memory.
-	after, resume := lastEventID(r)
-	latest := !resume || after > upto
+	// Last-Event-ID, or ?last_event_id=: browsers resend it on their own, so a malformed value
+	// is taken as absent rather than refused.
+	after, err := strconv.ParseUint(cmp.Or(r.Header.Get("Last-Event-ID"), r.URL.Query().Get("last_event_id")), 10, 64)
+	latest := err != nil || after > upto
 	if latest {
 		after = 0
 	}
+	// In pages of about maxPage bytes, so a long history neither holds a read transaction
+	// open during slow writes nor fills memory.
+	var buf []byte
 	for {
 		sub.mu.Lock()
 		ending := sub.ending // dropped or ended meanwhile
@@ -535,27 +515,12 @@ func (s *server) handleSSE(w http.ResponseWriter, r *http.Request) {
 		}
 		after, buf = last, buf[:0]
 	}
-	sub.mu.Lock()
-	sub.ready, sub.lastWrite, live = true, time.Now(), true
-	sub.schedule()
-	sub.mu.Unlock()
+	live = true
+	sub.written(nil, false) // the backlog is out: live frames follow
+	// An HTTP/2 stream lives as long as this handler: it ends with the client's request.
 	if sub.conn == nil {
-		select {
-		case <-sub.done:
-		case <-r.Context().Done():
-			sub.end()
-			<-sub.done
-		}
+		stop := context.AfterFunc(r.Context(), sub.end)
+		<-sub.done
+		stop()
 	}
-}
-
-// lastEventID reads Last-Event-ID (or ?last_event_id=). Browsers resend the header on their
-// own, so a malformed value is treated as absent rather than refused.
-func lastEventID(r *http.Request) (uint64, bool) {
-	v := r.Header.Get("Last-Event-ID")
-	if v == "" {
-		v = r.URL.Query().Get("last_event_id")
-	}
-	id, err := strconv.ParseUint(v, 10, 64)
-	return id, err == nil
 }

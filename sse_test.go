@@ -293,7 +293,7 @@ func TestStreamHeartbeat(t *testing.T) {
 	s := b.stream(bearer(jwt)...)
 	b.insert(jwt, "live", 1)
 	s.next() // the stream is live
-	hb := b.s.hub.heartbeat
+	hb := b.s.hub.cfg.heartbeat
 	b.s.hub.sweep(time.Now().Add(hb - time.Second)) // not silent long enough
 	b.s.hub.sweep(time.Now().Add(hb + time.Second)) // queues the keep-alive before the event
 	b.insert(jwt, "after", 2)
@@ -446,7 +446,7 @@ func BenchmarkPublish(b *testing.B) {
 	const subs = 10000
 	for range subs {
 		s, _, _ := h.subscribe(&user{Username: "u", Tenant: "t"}, time.Now().Add(time.Hour))
-		s.conn, s.ready = discardConn{}, true
+		s.conn, s.queued = discardConn{}, false
 	}
 	ev := &event{Tenant: "t", Name: "bench", Data: []byte(`{"seq":1,"ts":1764345600000000000}`), ID: 1}
 	b.ReportAllocs()

@@ -8,7 +8,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"os"
 	"path/filepath"
 	"time"
@@ -164,6 +163,7 @@ type event struct {
 	Tenant, Name string
 	Data         []byte // compact JSON
 	ID           uint64
+	done         chan error // the hub answers the insert here once the event is committed
 }
 
 // appendEvents commits a batch of events in one transaction (one pair of fsyncs for the
@@ -234,7 +234,7 @@ func (st *store) eachEvent(tenant string, latest bool, after, upto uint64, fn fu
 }
 
 // snapshot copies a consistent snapshot of the database into an unnamed temporary file
-// beside it and returns the file, at its start, and its size. The read transaction lasts
+// beside it and returns the file and its size. The read transaction lasts
 // as long as a local copy, whatever the speed of the client that downloads it: while it is
 // open, bbolt cannot grow the file, so inserts would wait.
 func (st *store) snapshot() (*os.File, int64, error) {
@@ -244,14 +244,10 @@ func (st *store) snapshot() (*os.File, int64, error) {
 	}
 	os.Remove(f.Name()) // the open file stays readable; nothing is left behind
 	var size int64
-	err = st.db.View(func(tx *bolt.Tx) error {
-		size = tx.Size()
-		_, err := tx.WriteTo(f)
+	err = st.db.View(func(tx *bolt.Tx) (err error) {
+		size, err = tx.WriteTo(f)
 		return err
 	})
-	if err == nil {
-		_, err = f.Seek(0, io.SeekStart)
-	}
 	if err != nil {
 		f.Close()
 		return nil, 0, fmt.Errorf("store: backup: %w", err)

@@ -71,13 +71,21 @@ func (t *throttle) begin(now time.Time, keys ...tkey) (end func(failed bool), er
 	defer t.mu.Unlock()
 	for _, k := range keys {
 		st := t.strikes[k]
-		if now.Before(st.until) {
-			return nil, &retryError{after: st.until.Sub(now), err: errTooMany}
-		} else if st.inflight >= k.parallel || st.inflight > 0 && st.fails+st.inflight >= k.free {
-			return nil, &retryError{after: time.Second, err: errTooMany}
+		if now.Before(st.until) || st.inflight >= k.parallel || st.inflight > 0 && st.fails+st.inflight >= k.free {
+			return nil, &retryError{after: max(st.until.Sub(now), time.Second), error: errTooMany}
 		}
 	}
-	t.makeRoom(now)
+	// Room for two more keys: a full map forgets its unlocked keys and, if all are locked,
+	// every key without an attempt in flight.
+	for _, locked := range []bool{false, true} {
+		for k, st := range t.strikes {
+			if len(t.strikes)+2 <= t.maxKeys {
+				break
+			} else if st.inflight == 0 && (locked || !now.Before(st.until)) {
+				delete(t.strikes, k)
+			}
+		}
+	}
 	for _, k := range keys {
 		st := t.strikes[k]
 		st.inflight++
@@ -110,20 +118,5 @@ func (t *throttle) clear(keys ...tkey) {
 		st := t.strikes[k]
 		st.fails, st.until = 0, time.Time{}
 		t.strikes[k] = st
-	}
-}
-
-// makeRoom keeps room for two more keys: a full map forgets its unlocked keys and, if
-// all are locked, every key without an attempt in flight; t.mu must be held.
-func (t *throttle) makeRoom(now time.Time) {
-	for _, locked := range []bool{false, true} {
-		for k, st := range t.strikes {
-			if len(t.strikes)+2 <= t.maxKeys {
-				return
-			}
-			if st.inflight == 0 && (locked || !now.Before(st.until)) {
-				delete(t.strikes, k)
-			}
-		}
 	}
 }

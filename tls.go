@@ -3,7 +3,6 @@ package main
 import (
 	"cmp"
 	"crypto/tls"
-	"crypto/x509"
 	"errors"
 	"fmt"
 	"net"
@@ -20,10 +19,7 @@ import (
 // loadCert reads the certificate pair, failing at start when it is missing, unreadable,
 // mismatched or not valid now (rather than at the first handshake).
 func loadCert(certPath, keyPath string, now time.Time) (*tls.Certificate, error) {
-	cert, err := tls.LoadX509KeyPair(certPath, keyPath)
-	if err == nil {
-		cert.Leaf, err = x509.ParseCertificate(cert.Certificate[0])
-	}
+	cert, err := tls.LoadX509KeyPair(certPath, keyPath) // parses the leaf too (Go 1.23)
 	if err == nil && (now.After(cert.Leaf.NotAfter) || now.Before(cert.Leaf.NotBefore)) {
 		err = fmt.Errorf("valid only from %s to %s", cert.Leaf.NotBefore.Format(time.RFC3339), cert.Leaf.NotAfter.Format(time.RFC3339))
 	}
@@ -38,12 +34,8 @@ func loadCert(certPath, keyPath string, now time.Time) (*tls.Certificate, error)
 func (s *server) serveTLS(srv *http.Server, errc chan<- error) error {
 	var plain http.Handler = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		// To --domain when it is set: never to a name the client chose.
-		host := cmp.Or(s.cfg.domain, (&url.URL{Host: r.Host}).Hostname())
-		if s.cfg.httpsPort != 443 {
-			host = net.JoinHostPort(host, strconv.Itoa(s.cfg.httpsPort))
-		} else if strings.Contains(host, ":") {
-			host = "[" + host + "]"
-		}
+		host := net.JoinHostPort(cmp.Or(s.cfg.domain, (&url.URL{Host: r.Host}).Hostname()), strconv.Itoa(s.cfg.httpsPort))
+		host = strings.TrimSuffix(host, ":443") // the default port goes unsaid; an IPv6 address keeps its brackets
 		http.Redirect(w, r, (&url.URL{Scheme: "https", Host: host, Path: r.URL.Path, RawQuery: r.URL.RawQuery}).String(), http.StatusMovedPermanently)
 	})
 	if s.cfg.autoCert {

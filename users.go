@@ -8,7 +8,6 @@ import (
 	_ "embed"
 	"encoding/base32"
 	"encoding/base64"
-	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -119,9 +118,7 @@ func (s *server) validate(ctx context.Context, username string, f userFields) (h
 	case f.Email != nil && !validEmail(*f.Email):
 		err = fmt.Errorf("%w: email must be a plain address whose domain is not a throwaway-mail domain", errInvalid)
 	case f.Password != nil:
-		if err = s.checkPassword(ctx, *f.Password, username, deref(f.Email)); err == nil {
-			hash, err = s.hashPassword(ctx, *f.Password)
-		}
+		hash, err = s.hashPassword(ctx, *f.Password, username, deref(f.Email))
 	}
 	return hash, err
 }
@@ -187,7 +184,8 @@ func (s *server) apply(u *user, f userFields, hash string) {
 		// without a code.
 		u.TwoFactor, u.TOTPSecret, u.TOTPStep = *f.TwoFactor, "", 0
 		if u.TwoFactor {
-			u.TOTPSecret = newTOTPSecret()
+			// A random 160-bit secret in unpadded base32 (RFC 4226 §4).
+			u.TOTPSecret = base32.StdEncoding.WithPadding(base32.NoPadding).EncodeToString(randomBytes(20))
 			u.endTokens(s.now())
 		}
 	}
@@ -204,8 +202,12 @@ func set[T any](dst, p *T) {
 // raising them later keeps old hashes verifiable.
 const argonMemory, argonTime, argonThreads = 19 * 1024, 2, 1
 
-// hashPassword returns the argon2id PHC string of password with a fresh salt.
-func (s *server) hashPassword(ctx context.Context, password string) (string, error) {
+// hashPassword checks a new password (checkPassword, with inputs such as the username and
+// email) and returns its argon2id PHC string with a fresh salt.
+func (s *server) hashPassword(ctx context.Context, password string, inputs ...string) (string, error) {
+	if err := s.checkPassword(ctx, password, inputs...); err != nil {
+		return "", err
+	}
 	salt := randomBytes(16)
 	key, err := s.argon(ctx, password, salt, argonMemory, argonTime, argonThreads, 32)
 	enc := base64.RawStdEncoding
@@ -237,7 +239,7 @@ func (s *server) argon(ctx context.Context, password string, salt []byte, m, t u
 	case s.hashSlots <- struct{}{}:
 		defer func() { <-s.hashSlots }()
 	case <-time.After(10 * time.Second):
-		return nil, &retryError{after: time.Second, err: errBusy}
+		return nil, &retryError{after: time.Second, error: errBusy}
 	case <-ctx.Done():
 		return nil, ctx.Err()
 	}
@@ -257,7 +259,7 @@ var errBadLogin = fmt.Errorf("%w: invalid username, password or code", errUnauth
 // login checks a username, password and, for two-factor users, the code totp (nil for
 // HTTP Basic, which cannot carry one), under the brute-force throttle. Unknown users are
 // hashed against a dummy hash, so they take as long as a wrong password.
-func (s *server) login(r *http.Request, name, password string, totp *string) (*user, error) {
+func (s *server) login(r *http.Request, name, password string, totp *string) (_ *user, err error) {
 	if !validName(name, true) { // before anything is counted or hashed
 		return nil, fmt.Errorf("%w: username must be 1-64 characters", errInvalid)
 	}
@@ -266,38 +268,28 @@ func (s *server) login(r *http.Request, name, password string, totp *string) (*u
 	if err != nil {
 		return nil, err
 	}
-	u, err := s.checkLogin(r.Context(), name, password, totp)
-	end(errors.Is(err, errBadLogin))
-	if err == nil {
-		s.throttle.clear(keys[0])
-	}
-	return u, err
-}
-
-func (s *server) checkLogin(ctx context.Context, name, password string, totp *string) (*user, error) {
+	defer func() { // counts a wrong secret; a success clears the account's count
+		end(errors.Is(err, errBadLogin))
+		if err == nil {
+			s.throttle.clear(keys[0])
+		}
+	}()
 	u, err := s.db.getUser(name)
-	if err != nil && !errors.Is(err, errNotFound) {
+	if errors.Is(err, errNotFound) { // a stand-in, hashed like a real user and refused like a revoked one
+		u = &user{Revoked: true, secrets: secrets{Hash: s.dummyHash}}
+	} else if err != nil {
 		return nil, err
 	}
-	phc := s.dummyHash
-	if u != nil {
-		phc = u.Hash
-	}
-	ok, err := s.verifyPassword(ctx, phc, password)
+	ok, err := s.verifyPassword(r.Context(), u.Hash, password)
 	switch {
 	case err != nil:
 		return nil, err
-	case !ok || u == nil || u.Revoked || u.TwoFactor && totp == nil: // HTTP Basic cannot carry a code
+	case !ok || u.Revoked || u.TwoFactor && totp == nil: // HTTP Basic cannot carry a code
 		return nil, errBadLogin
 	case u.TwoFactor:
 		return u, s.checkTOTP(u, *totp)
 	}
 	return u, nil
-}
-
-// newTOTPSecret returns a random 160-bit secret in unpadded base32 (RFC 4226 §4).
-func newTOTPSecret() string {
-	return base32.StdEncoding.WithPadding(base32.NoPadding).EncodeToString(randomBytes(20))
 }
 
 func randomBytes(n int) []byte {
@@ -346,7 +338,7 @@ func newResetCode() string {
 
 func hashCode(code string) string {
 	h := sha256.Sum256([]byte(code))
-	return hex.EncodeToString(h[:])
+	return base64.RawStdEncoding.EncodeToString(h[:])
 }
 
 // validResetCode reports whether code is u's reset code and has not expired at now.
