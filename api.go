@@ -87,7 +87,9 @@ func (s *server) routes() http.Handler {
 func (s *server) common(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		defer func() {
-			if v := recover(); v != nil && v != http.ErrAbortHandler {
+			if v := recover(); v == http.ErrAbortHandler {
+				panic(v) // net/http cuts the connection without an answer
+			} else if v != nil {
 				s.fail(w, r, fmt.Errorf("panic: %v\n%s", v, debug.Stack()))
 			}
 		}()

@@ -450,7 +450,11 @@ func (s *server) handleSSE(w http.ResponseWriter, r *http.Request) {
 	}
 	// The credentials' expiry, moved from the NTP clock to the local one of the sweep.
 	sub, upto, err := s.hub.subscribe(u, time.Now().Add(time.Unix(exp, 0).Sub(s.now())))
-	if err != nil {
+	if errors.Is(err, errBusy) {
+		// Shutting down: cut without an answer, so an EventSource reconnects, to the next
+		// process (it gives up for good on any answer but 200).
+		panic(http.ErrAbortHandler)
+	} else if err != nil {
 		s.fail(w, r, err)
 		return
 	}

@@ -20,7 +20,7 @@ import (
 
 type sseEvent struct {
 	name, id, data string
-	raw            string // the frame as received, heartbeat comments included
+	raw            string // the frame as received; a keep-alive is an sseEvent of its own
 }
 
 // stream is an open /sse connection read by a goroutine into events.
@@ -60,6 +60,10 @@ func openStream(t *testing.T, url string, client *http.Client, hdr ...string) *s
 			line, err := r.ReadString('\n')
 			if err != nil {
 				return
+			}
+			if line == ":\n" { // a keep-alive: handed on by itself, with only raw set
+				st.events <- sseEvent{raw: line}
+				continue
 			}
 			ev.raw += line
 			switch {
@@ -279,8 +283,12 @@ func TestStreamEndsOnRevokeMoveAndShutdown(t *testing.T) {
 	sb.ended()
 	b.s.hub.closeStreams()
 	sc.ended()
-	if code, _ := b.do("GET", "/sse", nil, bearer(b.login("carl"))...); code != 503 {
-		t.Errorf("stream after shutdown began: got %d; want 503", code)
+	// Cut without an answer: an EventSource gives up for good on any answer but 200.
+	req, _ := http.NewRequest("GET", b.ts.URL+"/sse", nil)
+	req.Header.Set("Authorization", "Bearer "+b.login("carl"))
+	if resp, err := http.DefaultClient.Do(req); err == nil {
+		resp.Body.Close()
+		t.Errorf("stream after shutdown began: got %d; want the connection cut", resp.StatusCode)
 	}
 }
 
@@ -297,9 +305,15 @@ func TestStreamHeartbeat(t *testing.T) {
 	b.s.hub.sweep(time.Now().Add(hb - time.Second)) // not silent long enough
 	b.s.hub.sweep(time.Now().Add(hb + time.Second)) // queues the keep-alive before the event
 	b.insert(jwt, "after", 2)
-	if ev := s.next(); ev.raw != ":\nevent:after\nid:2\ndata:2\n\n" {
-		t.Errorf("got %q; want the keep-alive, then the frame", ev.raw)
+	select {
+	case ev := <-s.events:
+		if ev.raw != ":\n" {
+			t.Errorf("got %q; want the keep-alive", ev.raw)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("no keep-alive")
 	}
+	expect(t, s.next(), "after", "2", "2")
 }
 
 func (b *testBroker) openStreams(user string) int {
@@ -374,7 +388,7 @@ func TestBrokerClientCompat(t *testing.T) {
 		}
 		t.Skip("needs node and broker-client: apt-get install -y nodejs npm && npm ci --prefix testdata")
 	}
-	b := newTestBroker(t)
+	b := newTestBroker(t, func(c *config) { c.heartbeat = 100 * time.Millisecond })
 	b.createUser("alice", "A")
 	jwt := b.login("alice")
 	b.insert(jwt, "synced", obj{"n": 1, "s": "héllo"})
@@ -405,6 +419,20 @@ func TestBrokerClientCompat(t *testing.T) {
 	}
 	if l := next(); l != `synced 1 {"n":1,"s":"héllo"}` {
 		t.Fatalf("synced event: got %s", l)
+	}
+	// Several keep-alives reach the idle client (as they reach this idle stream) before the
+	// next event: its onmessage, which parses every message, must never see one.
+	watch := b.stream(bearer(jwt)...)
+	watch.next()
+	for seen, deadline := 0, time.After(10*time.Second); seen < 3; {
+		select {
+		case ev := <-watch.events:
+			if ev.name == "" {
+				seen++
+			}
+		case <-deadline:
+			t.Fatal("no keep-alives within 10 s")
+		}
 	}
 	b.insert(jwt, "live", obj{"text": "a\nb \"c\" 日本 😀"})
 	if l := next(); l != `live 2 {"text":"a\nb \"c\" 日本 😀"}` {
@@ -455,4 +483,35 @@ func BenchmarkPublish(b *testing.B) {
 	}
 	h.closeStreams()
 	b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N*subs), "ns/delivery")
+}
+
+// TestKeepAliveInBrokerClientParser feeds broker-client's own parser the keep-alive between
+// two frames, in one read with them and in reads of its own: it must dispatch exactly the
+// two events, and the ":\n\n" comment most servers send must not pass (it would reach
+// onmessage as an empty message).
+func TestKeepAliveInBrokerClientParser(t *testing.T) {
+	node, err := exec.LookPath("node")
+	if _, serr := os.Stat(filepath.Join("testdata", "node_modules", "broker-client", "utils.js")); err != nil || serr != nil {
+		if os.Getenv("CI") != "" {
+			t.Fatalf("node or broker-client missing (%v): run npm ci --prefix testdata", err)
+		}
+		t.Skip("needs node and broker-client: apt-get install -y nodejs npm && npm ci --prefix testdata")
+	}
+	parse := func(keepAlive string) []string {
+		arg, _ := json.Marshal(keepAlive)
+		out, err := exec.Command(node, "testdata/keepalive.mjs", string(arg)).Output()
+		if err != nil {
+			t.Fatalf("node: %v", err)
+		}
+		return strings.Fields(string(out))
+	}
+	want := `[["news","1","{\"n\":1}"],["news","2","{\"n\":2}"]]`
+	for i, got := range parse(string(keepAlive)) {
+		if got != want {
+			t.Errorf("reads split %d ways: got %s; want %s", i, got, want)
+		}
+	}
+	if got := parse(":\n\n"); got[0] == want {
+		t.Errorf("a \":\\n\\n\" comment in one read passed as nothing: %s; the test cannot tell keep-alives apart", got[0])
+	}
 }
