@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"bytes"
 	"context"
 	"crypto/ed25519"
@@ -29,6 +30,7 @@ type testBroker struct {
 	ts      *httptest.Server
 	offset  atomic.Int64 // added to the real clock, nanoseconds
 	stopped bool
+	client  *http.Client // nil: http.DefaultClient
 }
 
 func testConfig(t testing.TB) config {
@@ -92,7 +94,7 @@ func (b *testBroker) do(method, path string, body any, hdr ...string) (int, []by
 	for i := 0; i+1 < len(hdr); i += 2 {
 		req.Header.Set(hdr[i], hdr[i+1])
 	}
-	resp, err := http.DefaultClient.Do(req)
+	resp, err := cmp.Or(b.client, http.DefaultClient).Do(req)
 	if err != nil {
 		b.t.Fatal(err)
 	}
