@@ -759,3 +759,16 @@ func TestInputEdges(t *testing.T) {
 		t.Errorf("broker.db after the refused open: %v, %v; want it empty", fi, err)
 	}
 }
+
+// TestResetNotBlockedByAddressLock: failed logins that lock a client address (all the
+// clients behind a proxy share one) do not block a password reset with a valid code from it.
+func TestResetNotBlockedByAddressLock(t *testing.T) {
+	b := newTestBroker(t)
+	b.createUser("ann", "t")
+	for i := range 20 {
+		b.do("POST", "/login", obj{"username": fmt.Sprint("spray", i), "password": "guess"})
+	}
+	b.must(429, "POST", "/login", obj{"username": "ann", "password": "pw-ann"})
+	code := b.must(200, "POST", "/create_totp", obj{"admin_token": "letmein", "username": "ann"})["totp"]
+	b.must(200, "POST", "/password_reset", obj{"username": "ann", "totp": code, "password": "a new password"})
+}

@@ -135,32 +135,18 @@ type caller struct {
 const maxBody = 1 << 20 // bytes of a request body
 
 // handle is the one shape of a JSON endpoint: check who calls (a signed-in user before the
-// body is read, so anonymous clients cannot take the turns of large inserts), wait for a
-// turn to read a large body, decode it into a T, check the admin token, act, and answer
+// body is read), read and decode the body into a T, check the admin token, act, and answer
 // the result as JSON, or the error.
 func handle[T any](s *server, who access, act func(r *http.Request, c caller, req *T) (any, error)) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
 		var c caller
 		var err error
+		req := new(T)
 		if who == signedIn {
 			c.user, c.exp, err = s.authenticate(r)
 		}
-		req := new(T)
 		if err == nil && r.Method == http.MethodPost {
-			var release func()
-			if release, err = s.takeBody(r); err == nil {
-				defer release()
-				var body []byte
-				body, err = io.ReadAll(http.MaxBytesReader(w, r.Body, maxBody))
-				var tooBig *http.MaxBytesError
-				if errors.As(err, &tooBig) {
-					err = fmt.Errorf("%w: request body over %d bytes", errTooLarge, maxBody)
-				} else if err != nil {
-					err = fmt.Errorf("%w: reading the body: %v", errInvalid, err)
-				} else {
-					err = decodeJSON(body, req)
-				}
-			}
+			err = s.readJSON(w, r, who == signedIn, req)
 		}
 		if err == nil && who == admin {
 			err = s.checkAdmin(r, any(req).(interface{ token() string }).token())
@@ -189,7 +175,7 @@ func decodeJSON(raw []byte, v any) error {
 		for keys.More() {
 			t, err := keys.Token()
 			k, _ := t.(string)
-			if err != nil || seen[k] || k != strings.ToLower(k) || keys.Decode(new(anyJSON)) != nil {
+			if err != nil || seen[k] || k != strings.ToLower(k) || keys.Decode(new(json.RawMessage)) != nil {
 				return fmt.Errorf("%w: malformed, repeated or unknown field %q", errInvalid, k)
 			}
 			seen[k] = true
@@ -198,7 +184,7 @@ func decodeJSON(raw []byte, v any) error {
 	dec := json.NewDecoder(bytes.NewReader(raw))
 	dec.DisallowUnknownFields()
 	err := dec.Decode(v)
-	if err == nil && dec.Decode(new(anyJSON)) != io.EOF {
+	if err == nil && dec.Decode(new(json.RawMessage)) != io.EOF {
 		err = errors.New("unexpected data after the JSON object")
 	}
 	var typeErr *json.UnmarshalTypeError
@@ -210,29 +196,40 @@ func decodeJSON(raw []byte, v any) error {
 	return nil
 }
 
-// anyJSON is any JSON value, read and dropped.
-type anyJSON struct{}
+// Request bodies are read in turns, so the bodies held at once, with their decoded copies,
+// stay bounded. Signed-in users' bodies (inserts) take one of smallBodies turns up to
+// smallBody bytes, one of largeBodies beyond (or of unknown length). Other bodies over
+// smallBody bytes take one of publicBodies turns, so anonymous clients cannot hold the
+// inserts' turns; smaller ones take none: they cost a connection no more than its headers.
+// A request waits up to 5 s for a turn, then is answered 503.
+const smallBody, smallBodies, largeBodies, publicBodies = 64 << 10, 256, 32, 8
 
-func (*anyJSON) UnmarshalJSON([]byte) error { return nil }
-
-// Request bodies over smallBody bytes (or of unknown length) are held at most largeBodies
-// at once, with their decoded copies: another waits up to 5 s, then is answered 503. Bodies
-// up to smallBody bytes cost a connection no more than its headers (MaxHeaderBytes).
-const smallBody, largeBodies = 64 << 10, 32
-
-// takeBody waits for the right to read r's body and returns the function that gives it back.
-func (s *server) takeBody(r *http.Request) (func(), error) {
-	if r.ContentLength >= 0 && r.ContentLength <= smallBody {
-		return func() {}, nil
+// readJSON reads r's body, in a turn, and decodes it into v.
+func (s *server) readJSON(w http.ResponseWriter, r *http.Request, signedIn bool, v any) error {
+	turns := s.smallBodies
+	if r.ContentLength < 0 || r.ContentLength > smallBody {
+		turns = map[bool]chan struct{}{true: s.largeBodies, false: s.publicBodies}[signedIn]
+	} else if !signedIn {
+		turns = nil
 	}
-	select {
-	case s.largeBodies <- struct{}{}:
-		return func() { <-s.largeBodies }, nil
-	case <-time.After(5 * time.Second):
-		return nil, &retryError{after: time.Second, error: fmt.Errorf("%w: too many large requests at once", errBusy)}
-	case <-r.Context().Done():
-		return nil, r.Context().Err()
+	if turns != nil {
+		select {
+		case turns <- struct{}{}:
+			defer func() { <-turns }()
+		case <-time.After(5 * time.Second):
+			return &retryError{after: time.Second, error: fmt.Errorf("%w: too many requests with bodies at once", errBusy)}
+		case <-r.Context().Done():
+			return r.Context().Err()
+		}
 	}
+	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxBody))
+	var tooBig *http.MaxBytesError
+	if errors.As(err, &tooBig) {
+		return fmt.Errorf("%w: request body over %d bytes", errTooLarge, maxBody)
+	} else if err != nil {
+		return fmt.Errorf("%w: reading the body: %v", errInvalid, err)
+	}
+	return decodeJSON(body, v)
 }
 
 // reply answers v as JSON with status.
@@ -260,7 +257,7 @@ func (s *server) fail(w http.ResponseWriter, r *http.Request, err error) {
 	var retry *retryError
 	if errors.As(err, &retry) {
 		w.Header().Set("Retry-After", strconv.Itoa(int(retry.after.Seconds()+0.999)))
-	} else if status == http.StatusInternalServerError {
+	} else if status == http.StatusInternalServerError && r.Context().Err() == nil { // not when the client has gone
 		s.log.Error("request failed", "method", r.Method, "path", r.URL.Path, "err", err)
 	}
 	s.reply(w, status, map[string]string{"error": msg})
@@ -405,16 +402,16 @@ func (s *server) passwordReset(r *http.Request, _ caller, req *struct {
 	if !validName(req.Username, true) || req.TOTP == nil || req.Password == nil {
 		return nil, fmt.Errorf("%w: username, totp and password are required", errInvalid)
 	}
-	keys := []tkey{accountKey("reset", req.Username), addrKey("login", r)}
+	keys := []tkey{accountKey("reset", req.Username), addrKey("reset", r)} // not locked by failed logins
 	end, err := s.throttle.begin(s.now(), keys...)
 	if err != nil {
 		return nil, err
 	}
 	u, err := s.db.getUser(req.Username)
-	ok := err == nil && validResetCode(u, *req.TOTP, s.now())
-	if end(!ok && (err == nil || errors.Is(err, errNotFound))); !ok && (err == nil || errors.Is(err, errNotFound)) {
+	wrong := errors.Is(err, errNotFound) || err == nil && !validResetCode(u, *req.TOTP, s.now())
+	if end(wrong); wrong {
 		return nil, errBadCode
-	} else if !ok {
+	} else if err != nil {
 		return nil, err
 	}
 	hash, err := s.hashPassword(r.Context(), *req.Password, u.Username, deref(u.Email))

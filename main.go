@@ -110,17 +110,18 @@ func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (c
 
 // server is broker: its settings, database, hub and what is derived from the settings.
 type server struct {
-	cfg         config
-	db          *store
-	hub         *hub
-	log         *slog.Logger
-	now         func() time.Time // the NTP-corrected clock; tests set their own
-	adminHash   [32]byte
-	rootKey     ed25519.PrivateKey
-	dummyHash   string        // hashed for unknown users, so they cost as much as known ones
-	hashSlots   chan struct{} // bounds concurrent argon2 hashes (19 MiB each)
-	throttle    *throttle
-	largeBodies chan struct{} // turns to read a large request body
+	cfg       config
+	db        *store
+	hub       *hub
+	log       *slog.Logger
+	now       func() time.Time // the NTP-corrected clock; tests set their own
+	adminHash [32]byte
+	rootKey   ed25519.PrivateKey
+	dummyHash string        // hashed for unknown users, so they cost as much as known ones
+	hashSlots chan struct{} // bounds concurrent argon2 hashes (19 MiB each)
+	throttle  *throttle
+	// Turns to read request bodies, and to write a page of a stream's backlog.
+	smallBodies, largeBodies, publicBodies, backlogTurns chan struct{}
 }
 
 // newServer opens the database in cfg.db and builds the server around it.
@@ -138,7 +139,8 @@ func newServer(cfg config, log *slog.Logger, now func() time.Time) (_ *server, e
 		cfg: cfg, db: db, log: log, now: now,
 		adminHash: sha256.Sum256([]byte(cfg.adminToken)), hashSlots: make(chan struct{}, 4),
 		throttle:    &throttle{maxKeys: throttleKeys, strikes: map[tkey]strike{}},
-		largeBodies: make(chan struct{}, largeBodies),
+		smallBodies: make(chan struct{}, smallBodies), largeBodies: make(chan struct{}, largeBodies), publicBodies: make(chan struct{}, publicBodies),
+		backlogTurns: make(chan struct{}, backlogTurns),
 	}
 	s.hub, err = newHub(db, log, cfg)
 	if err == nil {

@@ -52,7 +52,8 @@ type hub struct {
 
 const (
 	maxPending   = 256 << 10       // bytes a subscriber may fall behind before it is dropped
-	maxPage      = 256 << 10       // bytes of backlog read at once
+	maxPage      = 256 << 10       // bytes of backlog read at once by a stream
+	backlogTurns = 32              // pages read and written at once
 	maxEventData = 64 << 10        // bytes of an event's data, as stored and sent
 	writeTimeout = 5 * time.Second // a write that takes longer ends the stream
 )
@@ -303,9 +304,6 @@ func (s *subscriber) written(err error, ending bool) {
 // write writes bufs within writeTimeout. The deadline is cleared afterwards: an HTTP/2
 // stream whose deadline passes is reset, even while idle.
 func (s *subscriber) write(bufs net.Buffers) error {
-	if _, tcp := s.conn.(*net.TCPConn); !tcp {
-		bufs = net.Buffers{bytes.Join(bufs, nil)} // one TLS record or HTTP/2 frame, not one per event
-	}
 	if s.conn != nil {
 		s.conn.SetWriteDeadline(time.Now().Add(writeTimeout))
 		_, err := bufs.WriteTo(s.conn)
@@ -323,21 +321,18 @@ func (s *subscriber) write(bufs net.Buffers) error {
 // finish removes the stream from the hub and closes it.
 func (s *subscriber) finish() {
 	s.once.Do(func() {
-		h := s.h
-		h.mu.Lock()
-		if delete(h.subs[s.tenant], s); len(h.subs[s.tenant]) == 0 {
-			delete(h.subs, s.tenant)
+		s.h.mu.Lock()
+		if delete(s.h.subs[s.tenant], s); len(s.h.subs[s.tenant]) == 0 {
+			delete(s.h.subs, s.tenant)
 		}
-		if h.perUser[s.user]--; h.perUser[s.user] == 0 {
-			delete(h.perUser, s.user)
-		}
-		h.total--
-		h.mu.Unlock()
+		s.h.perUser[s.user]-- // an entry per user at most
+		s.h.total--
+		s.h.mu.Unlock()
 		if s.conn != nil { // set by the caller (the stream's handler), or before the stream was queued
 			rawConn(s.conn).Close()
 		}
 		close(s.done)
-		h.streams.Done()
+		s.h.streams.Done()
 	})
 }
 
@@ -429,6 +424,29 @@ func (h *hub) close() {
 	h.loops.Wait()
 }
 
+// page writes the page of sub's backlog after the ID after (about maxPage bytes) and
+// returns the ID of its last event, 0 at the end. Pages keep a long history from holding a
+// read transaction open during slow writes. A page is held while its write waits for the
+// client, so only backlogTurns are read and written at once; a stream that waits for a turn
+// longer than writeTimeout ends (it resumes by ID).
+func (s *server) page(sub *subscriber, latest bool, after, upto uint64) (last uint64, err error) {
+	select {
+	case s.backlogTurns <- struct{}{}:
+		defer func() { <-s.backlogTurns }()
+	case <-time.After(writeTimeout):
+		return 0, errBusy
+	}
+	var buf []byte
+	err = s.db.eachEvent(sub.tenant, latest, after, upto, func(id uint64, name, data []byte) bool {
+		buf, last = appendFrame(buf, id, name, data), id
+		return len(buf) < maxPage
+	})
+	if err == nil && len(buf) > 0 {
+		err = sub.write(net.Buffers{buf})
+	}
+	return last, err
+}
+
 // handleSSE streams the tenant's events (CONTRACT §4): the backlog (the latest event of
 // every name, or everything after Last-Event-ID), then live events, with no gap and no
 // duplicate between the two.
@@ -494,9 +512,6 @@ func (s *server) handleSSE(w http.ResponseWriter, r *http.Request) {
 	if latest {
 		after = 0
 	}
-	// In pages of about maxPage bytes, so a long history neither holds a read transaction
-	// open during slow writes nor fills memory.
-	var buf []byte
 	for {
 		sub.mu.Lock()
 		ending := sub.ending // dropped or ended meanwhile
@@ -504,20 +519,13 @@ func (s *server) handleSSE(w http.ResponseWriter, r *http.Request) {
 		if ending {
 			return
 		}
-		var last uint64
-		err := s.db.eachEvent(sub.tenant, latest, after, upto, func(id uint64, name, data []byte) bool {
-			buf, last = appendFrame(buf, id, name, data), id
-			return len(buf) < maxPage
-		})
-		if err == nil && len(buf) > 0 {
-			err = sub.write(net.Buffers{buf})
-		}
+		last, err := s.page(sub, latest, after, upto)
 		if err != nil {
 			return
 		} else if last == 0 {
 			break
 		}
-		after, buf = last, buf[:0]
+		after = last
 	}
 	live = true
 	sub.written(nil, false) // the backlog is out: live frames follow

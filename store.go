@@ -63,11 +63,10 @@ func createBuckets(tx *bolt.Tx) error {
 		}
 	}
 	return tx.Bucket(bucketLatest).ForEachBucket(func(tenant []byte) error {
-		if tx.Bucket(bucketSync).Bucket(tenant) != nil {
-			return nil
-		}
 		index, err := tx.Bucket(bucketSync).CreateBucket(tenant)
-		if err != nil {
+		if errors.Is(err, berrors.ErrBucketExists) {
+			return nil
+		} else if err != nil {
 			return err
 		}
 		return tx.Bucket(bucketLatest).Bucket(tenant).ForEach(func(name, id []byte) error { return index.Put(id, name) })

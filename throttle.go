@@ -19,8 +19,7 @@ import (
 // cannot hold every hash slot.
 //
 // Keys are SHA-256 digests, so an entry has the same small size (about 100 bytes with the
-// map's overhead) whatever a client sends; at most maxKeys are held (about 10 MiB), the
-// unlocked ones forgotten first when it is full.
+// map's overhead) whatever a client sends; at most maxKeys are held (about 10 MiB).
 type throttle struct {
 	maxKeys int
 	mu      sync.Mutex // guards strikes
@@ -36,10 +35,13 @@ type tkey struct {
 
 type strike struct {
 	fails, inflight int
-	until           time.Time // locked until
+	until, last     time.Time // locked until; the last failure
 }
 
-const throttleKeys = 100_000
+const (
+	throttleKeys = 100_000
+	forget       = 15 * time.Minute // the longest lock, and how long failures are remembered after it
+)
 
 // accountKey counts attempts against one account: kind "login" (passwords and two-factor
 // codes, also over HTTP Basic) or "reset" (password-reset codes).
@@ -50,8 +52,8 @@ func accountKey(kind, username string) tkey {
 // addrKey counts attempts from one client address (an IPv6 client by its /64, which one
 // client usually has whole); kind "login" for passwords and codes, "admin" for admin tokens.
 func addrKey(kind string, r *http.Request) tkey {
-	parallel := cmp.Or(map[string]int{"admin": 20}[kind], 2)
-	return tkey{sha256.Sum256([]byte(kind + "\x00" + clientAddr(r))), 20, parallel}
+	// Admin tokens are compared, not hashed: 20 may be checked at once.
+	return tkey{sha256.Sum256([]byte(kind + "\x00" + clientAddr(r))), 20, cmp.Or(map[string]int{"admin": 20}[kind], 2)}
 }
 
 // clientAddr is the client's IP address as the server sees it, an IPv6 address as its /64.
@@ -75,16 +77,19 @@ func (t *throttle) begin(now time.Time, keys ...tkey) (end func(failed bool), er
 			return nil, &retryError{after: max(st.until.Sub(now), time.Second), error: errTooMany}
 		}
 	}
-	// Room for two more keys: a full map forgets its unlocked keys and, if all are locked,
-	// every key without an attempt in flight.
-	for _, locked := range []bool{false, true} {
-		for k, st := range t.strikes {
-			if len(t.strikes)+2 <= t.maxKeys {
-				break
-			} else if st.inflight == 0 && (locked || !now.Before(st.until)) {
-				delete(t.strikes, k)
-			}
+	// Room for two more keys: a full map forgets keys without an attempt in flight whose
+	// last failure and lock ended over forget ago. Failures are never forgotten earlier,
+	// or a flood of new keys would reset everyone's count: with no room, attempts of new
+	// keys are refused.
+	for k, st := range t.strikes {
+		if len(t.strikes)+2 <= t.maxKeys {
+			break
+		} else if st.inflight == 0 && now.After(st.until.Add(forget)) && now.After(st.last.Add(forget)) {
+			delete(t.strikes, k)
 		}
+	}
+	if len(t.strikes)+2 > t.maxKeys {
+		return nil, &retryError{after: time.Second, error: errTooMany}
 	}
 	for _, k := range keys {
 		st := t.strikes[k]
@@ -101,8 +106,9 @@ func (t *throttle) end(now time.Time, failed bool, keys []tkey) {
 		st := t.strikes[k]
 		st.inflight = max(st.inflight-1, 0) // the key may have been forgotten meanwhile
 		if failed {
-			if st.fails++; st.fails >= k.free {
-				st.until = now.Add(min(time.Second<<min(st.fails-k.free, 20), 15*time.Minute))
+			st.fails, st.last = st.fails+1, now
+			if st.fails >= k.free {
+				st.until = now.Add(min(time.Second<<min(st.fails-k.free, 20), forget))
 			}
 		}
 		t.strikes[k] = st

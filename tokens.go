@@ -83,12 +83,8 @@ func verifyJWT(token string, key []byte, now time.Time) (claims, error) {
 // password may contain colons (RFC 7617); control characters and invalid usernames are
 // refused, before anything is counted or hashed.
 func parseBasic(h string) (username, password string, ok bool) {
-	if len(h) < 6 || !strings.EqualFold(h[:6], "basic ") || strings.ContainsAny(h, "\r\n") {
-		return "", "", false
-	}
-	raw, err := base64.StdEncoding.Strict().DecodeString(h[6:])
-	username, password, ok = strings.Cut(string(raw), ":")
-	if err != nil || !ok || !validName(username, true) || strings.ContainsFunc(string(raw), unicode.IsControl) {
+	username, password, ok = (&http.Request{Header: http.Header{"Authorization": {h}}}).BasicAuth()
+	if !ok || !validName(username, true) || strings.ContainsFunc(password, unicode.IsControl) || strings.ContainsAny(h, "\r\n") {
 		return "", "", false
 	}
 	return username, password, true

@@ -156,27 +156,44 @@ func TestLoginThrottle(t *testing.T) {
 }
 
 // TestThrottleBounded: the throttle holds at most maxKeys fixed-size keys whatever it is
-// fed, and still locks an address that keeps failing.
+// fed. A flood of new keys neither grows it nor makes it forget recent failures: it
+// forgets only failures older than forget, and refuses new keys while it cannot.
 func TestThrottleBounded(t *testing.T) {
 	th := &throttle{maxKeys: 100, strikes: map[tkey]strike{}}
 	now := time.Now()
+	victim := accountKey("login", "victim")
+	for range 4 {
+		end, _ := th.begin(now, victim)
+		end(true)
+	}
+	refused := 0
 	for i := range 10000 {
 		end, err := th.begin(now, accountKey("login", strings.Repeat("x", 1000)+strconv.Itoa(i)))
 		if err != nil {
-			t.Fatal(err)
+			refused++
+			continue
 		}
 		end(true)
 		if len(th.strikes) > th.maxKeys {
 			t.Fatalf("throttle holds %d keys; max %d", len(th.strikes), th.maxKeys)
 		}
 	}
+	if refused < 9000 || th.strikes[victim].fails != 4 {
+		t.Errorf("flooded with 10,000 new keys: %d refused, victim's failures %d; want most refused and 4 kept", refused, th.strikes[victim].fails)
+	}
+	later := now.Add(forget + time.Minute) // every failure is old enough to forget
+	if end, err := th.begin(later, accountKey("login", "new")); err != nil {
+		t.Errorf("new key after the failures were forgotten: %v", err)
+	} else {
+		end(false)
+	}
 	addr := tkey{digest: [32]byte{1}, free: 20, parallel: 2}
 	for range 25 {
-		if end, err := th.begin(now, addr); err == nil {
+		if end, err := th.begin(later, addr); err == nil {
 			end(true)
 		}
 	}
-	if _, err := th.begin(now, addr); err == nil {
+	if _, err := th.begin(later, addr); err == nil {
 		t.Error("address not locked after 25 failures")
 	}
 }
