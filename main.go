@@ -192,7 +192,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 		ReadHeaderTimeout: 10 * time.Second, // slowloris
 		ReadTimeout:       30 * time.Second, // request bodies are at most 1 MiB
 		IdleTimeout:       2 * time.Minute,
-		MaxHeaderBytes:    64 << 10,
+		MaxHeaderBytes:    16 << 10, // a JWT is at most 8 KiB
 		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
 		// No WriteTimeout: it would cut event streams, which set a deadline per write.
 	}
