@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"io"
 	"math/big"
+	mrand "math/rand/v2"
 	"net"
 	"net/http"
 	"os"
@@ -24,14 +25,20 @@ import (
 )
 
 // freePort returns a loopback port that was free a moment ago.
+// freePort returns a port free on every interface, below Linux's ephemeral range
+// (32768-60999), from which outgoing connections take their ports: one of the many
+// connections the tests open cannot take it before the broker listens on it.
 func freePort(t *testing.T) int {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
+	for range 100 {
+		port := 20000 + mrand.IntN(12000)
+		if ln, err := net.Listen("tcp", fmt.Sprintf(":%d", port)); err == nil {
+			ln.Close()
+			return port
+		}
 	}
-	defer ln.Close()
-	return ln.Addr().(*net.TCPAddr).Port
+	t.Fatal("no free port between 20000 and 32000")
+	return 0
 }
 
 // writeCert writes a self-signed certificate for localhost valid from notBefore to notAfter.
