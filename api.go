@@ -96,9 +96,6 @@ func (s *server) common(next http.Handler) http.Handler {
 		h := w.Header()
 		h.Set("Access-Control-Allow-Origin", s.cfg.origin)
 		h.Set("X-Content-Type-Options", "nosniff")
-		if s.cfg.origin != "*" {
-			h.Set("Vary", "Origin")
-		}
 		if s.cfg.secure {
 			h.Set("Strict-Transport-Security", "max-age=31536000")
 		}

@@ -879,3 +879,35 @@ func TestAnonymousBodiesTakeOtherTurns(t *testing.T) {
 		t.Errorf("anonymous large body with every insert turn taken: got %v; want nil", err)
 	}
 }
+
+// TestBacklogTurnsShared: one user's stalled streams hold at most userPages of the
+// backlog's turns, so another user's stream still gets its backlog at once.
+func TestBacklogTurnsShared(t *testing.T) {
+	b := newTestBroker(t)
+	b.createUser("hog", "H")
+	b.createUser("fair", "H")
+	preload(t, b.s.hub, "H", 60, bigData(60<<10))
+	hog := b.login("hog")
+	for range backlogTurns + 8 {
+		c, err := rawSSE(b.ts.Listener.Addr().String(), hog, "0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+	}
+	waitFor(t, 10*time.Second, "the hog's streams registered", func() bool { return b.openStreams("hog") == backlogTurns+8 })
+	s := b.stream(append(bearer(b.login("fair")), "Last-Event-ID", "0")...)
+	deadline := time.After(writeTimeout - time.Second) // before any of the hog's turns times out
+	for want := 1; want <= 60; want++ {
+		select {
+		case ev := <-s.events:
+			if ev.name == "" {
+				want--
+			} else if ev.id != strconv.Itoa(want) {
+				t.Fatalf("backlog event: got id %s; want %d", ev.id, want)
+			}
+		case <-deadline:
+			t.Fatalf("another user's backlog stuck at event %d behind the hog's stalled streams", want)
+		}
+	}
+}

@@ -45,8 +45,9 @@ type hub struct {
 	mu      sync.Mutex                      // guards the fields below
 	subs    map[string]map[*subscriber]bool // by tenant
 	perUser map[string]int
-	total   int               // open streams
-	lastID  map[string]uint64 // the last published event ID of each tenant
+	pages   map[string]chan struct{} // each user's turns to write backlog pages
+	total   int                      // open streams
+	lastID  map[string]uint64        // the last published event ID of each tenant
 	closed  bool
 }
 
@@ -54,6 +55,7 @@ const (
 	maxPending   = 256 << 10       // bytes a subscriber may fall behind before it is dropped
 	maxPage      = 256 << 10       // bytes of backlog read at once by a stream
 	backlogTurns = 32              // pages read and written at once
+	userPages    = 2               // of them for one user
 	maxEventData = 64 << 10        // bytes of an event's data, as stored and sent
 	writeTimeout = 5 * time.Second // a write that takes longer ends the stream
 )
@@ -63,7 +65,7 @@ func newHub(db *store, log *slog.Logger, cfg config) (*hub, error) {
 	h := &hub{
 		db: db, log: log, cfg: cfg,
 		inserts: make(chan *event, 1000), work: make(chan *subscriber, cfg.maxStreams), stop: make(chan struct{}),
-		subs: map[string]map[*subscriber]bool{}, perUser: map[string]int{}, lastID: seqs,
+		subs: map[string]map[*subscriber]bool{}, perUser: map[string]int{}, pages: map[string]chan struct{}{}, lastID: seqs,
 	}
 	h.loops.Go(func() { loop(h, h.inserts, h.commit) })
 	h.loops.Go(func() { loop(h, time.NewTicker(min(5*time.Second, cfg.heartbeat/2)).C, h.sweep) })
@@ -189,6 +191,7 @@ type subscriber struct {
 	h            *hub
 	tenant, user string
 	expires      time.Time           // the credentials' expiry, on the local clock
+	pages        chan struct{}       // the user's turns to write backlog pages
 	w            http.ResponseWriter // HTTP/2 streams are written through w; set while syncing
 	done         chan struct{}       // closed once the stream has ended
 	once         sync.Once
@@ -213,7 +216,10 @@ func (h *hub) subscribe(u *user, expires time.Time) (*subscriber, uint64, error)
 	} else if h.total >= h.cfg.maxStreams || h.perUser[u.Username] >= h.cfg.maxUserStreams {
 		return nil, 0, &retryError{after: time.Second, error: fmt.Errorf("%w: too many open streams", errTooMany)}
 	}
-	s := &subscriber{h: h, tenant: u.Tenant, user: u.Username, expires: expires, done: make(chan struct{}), queued: true, lastWrite: time.Now()}
+	if h.pages[u.Username] == nil {
+		h.pages[u.Username] = make(chan struct{}, userPages)
+	}
+	s := &subscriber{h: h, tenant: u.Tenant, user: u.Username, expires: expires, pages: h.pages[u.Username], done: make(chan struct{}), queued: true, lastWrite: time.Now()}
 	if h.subs[u.Tenant] == nil {
 		h.subs[u.Tenant] = map[*subscriber]bool{}
 	}
@@ -427,14 +433,17 @@ func (h *hub) close() {
 // page writes the page of sub's backlog after the ID after (about maxPage bytes) and
 // returns the ID of its last event, 0 at the end. Pages keep a long history from holding a
 // read transaction open during slow writes. A page is held while its write waits for the
-// client, so only backlogTurns are read and written at once; a stream that waits for a turn
-// longer than writeTimeout ends (it resumes by ID).
+// client, so only backlogTurns are read and written at once, at most userPages of them for
+// one user, so one user's stalled streams cannot hold every turn; a stream that waits for a
+// turn longer than writeTimeout ends (it resumes by ID).
 func (s *server) page(sub *subscriber, latest bool, after, upto uint64) (last uint64, err error) {
-	select {
-	case s.backlogTurns <- struct{}{}:
-		defer func() { <-s.backlogTurns }()
-	case <-time.After(writeTimeout):
-		return 0, errBusy
+	for _, turns := range []chan struct{}{sub.pages, s.backlogTurns} {
+		select {
+		case turns <- struct{}{}:
+			defer func() { <-turns }()
+		case <-time.After(writeTimeout):
+			return 0, errBusy
+		}
 	}
 	var buf []byte
 	err = s.db.eachEvent(sub.tenant, latest, after, upto, func(id uint64, name, data []byte) bool {

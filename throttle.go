@@ -38,10 +38,9 @@ type strike struct {
 	until, last     time.Time // locked until; the last failure
 }
 
-const (
-	throttleKeys = 100_000
-	forget       = 15 * time.Minute // the longest lock, and how long failures are remembered after it
-)
+// The throttle holds at most throttleKeys keys; forget is the longest lock, and how long a
+// key's failures are remembered after its last failure and lock.
+const throttleKeys, forget = 100_000, 15 * time.Minute
 
 // accountKey counts attempts against one account: kind "login" (passwords and two-factor
 // codes, also over HTTP Basic) or "reset" (password-reset codes).

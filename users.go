@@ -77,10 +77,10 @@ const (
 //go:embed disposable_domains.txt
 var disposableDomains string
 
-var (
-	scopeRE  = regexp.MustCompile(`^[A-Za-z0-9_.*-]+:[A-Za-z0-9_.*-]+$`)
-	domainRE = regexp.MustCompile(`^([\p{L}\p{N}-]+\.)+[\p{L}\p{N}-]*\p{L}[\p{L}\p{N}-]*$`)
-)
+var scopeRE = regexp.MustCompile(`^[A-Za-z0-9_.*-]+:[A-Za-z0-9_.*-]+$`)
+
+// domainRE is a domain name of at least two labels whose last has a letter (no IP literal).
+var domainRE = regexp.MustCompile(`^([\p{L}\p{N}-]+\.)+[\p{L}\p{N}-]*\p{L}[\p{L}\p{N}-]*$`)
 
 // userFields are the settable fields of create and update; nil means "not given".
 type userFields struct {
