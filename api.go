@@ -143,7 +143,9 @@ func handle[T any](s *server, who access, act func(r *http.Request, c caller, re
 			c.user, c.exp, err = s.authenticate(r)
 		}
 		if err == nil && r.Method == http.MethodPost {
-			err = s.readJSON(w, r, who == signedIn, req)
+			var release func()
+			release, err = s.readJSON(w, r, who == signedIn, req)
+			defer release() // the turn lasts while the request holds its body: until it is answered
 		}
 		if err == nil && who == admin {
 			err = s.checkAdmin(r, any(req).(interface{ token() string }).token())
@@ -199,11 +201,12 @@ func decodeJSON(raw []byte, v any) error {
 // smallBody bytes take one of publicBodies turns, so anonymous clients cannot hold the
 // inserts' turns; smaller ones take none: they cost a connection no more than its headers.
 // A request waits up to 5 s for a turn, then is answered 503.
-const smallBody, smallBodies, largeBodies, publicBodies = 64 << 10, 256, 32, 8
+const smallBody, smallBodies, largeBodies, publicBodies, bodyTime = 64 << 10, 256, 32, 8, 10 * time.Second
 
-// readJSON reads r's body, in a turn, and decodes it into v.
-func (s *server) readJSON(w http.ResponseWriter, r *http.Request, signedIn bool, v any) error {
-	turns := s.smallBodies
+// readJSON reads r's body, in a turn, and decodes it into v. It returns the function that
+// gives the turn back. A body must arrive within bodyTime once it has a turn.
+func (s *server) readJSON(w http.ResponseWriter, r *http.Request, signedIn bool, v any) (func(), error) {
+	turns, release := s.smallBodies, func() {}
 	if r.ContentLength < 0 || r.ContentLength > smallBody {
 		turns = map[bool]chan struct{}{true: s.largeBodies, false: s.publicBodies}[signedIn]
 	} else if !signedIn {
@@ -212,21 +215,22 @@ func (s *server) readJSON(w http.ResponseWriter, r *http.Request, signedIn bool,
 	if turns != nil {
 		select {
 		case turns <- struct{}{}:
-			defer func() { <-turns }()
+			release = func() { <-turns }
 		case <-time.After(5 * time.Second):
-			return &retryError{after: time.Second, error: fmt.Errorf("%w: too many requests with bodies at once", errBusy)}
+			return release, &retryError{after: time.Second, error: fmt.Errorf("%w: too many requests with bodies at once", errBusy)}
 		case <-r.Context().Done():
-			return r.Context().Err()
+			return release, r.Context().Err()
 		}
 	}
+	http.NewResponseController(w).SetReadDeadline(time.Now().Add(bodyTime))
 	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxBody))
 	var tooBig *http.MaxBytesError
 	if errors.As(err, &tooBig) {
-		return fmt.Errorf("%w: request body over %d bytes", errTooLarge, maxBody)
+		return release, fmt.Errorf("%w: request body over %d bytes", errTooLarge, maxBody)
 	} else if err != nil {
-		return fmt.Errorf("%w: reading the body: %v", errInvalid, err)
+		return release, fmt.Errorf("%w: reading the body: %v", errInvalid, err)
 	}
-	return decodeJSON(body, v)
+	return release, decodeJSON(body, v)
 }
 
 // reply answers v as JSON with status.

@@ -16,7 +16,6 @@ import (
 	"slices"
 	"strconv"
 	"sync"
-	"syscall"
 	"time"
 	"unicode/utf16"
 	"unicode/utf8"
@@ -32,7 +31,7 @@ import (
 // subscribers still waiting, so under load each write carries several events: the write
 // system call is most of the cost of a delivery. HTTP/1.1 streams are hijacked, so an idle
 // stream holds no goroutine and no net/http buffers, only its socket and a subscriber; a
-// sweep every few seconds sends heartbeats and finds clients that have gone.
+// sweep every few seconds sends keep-alives, whose writes fail for clients that have gone.
 type hub struct {
 	db             *store
 	log            *slog.Logger
@@ -181,7 +180,7 @@ func compactASCII(raw []byte) ([]byte, error) {
 //   - queued: one writer owns the write: flush takes what is pending, writes it (or hands
 //     the write to a goroutine of its own) and, in written, clears queued and queues s again
 //     if frames arrived meanwhile.
-//   - ending: no frame is added any more. end (shutdown, client gone, credentials
+//   - ending: no frame is added any more. end (shutdown, HTTP/2 client gone, credentials
 //     expired) writes what is pending first; dropLocked (fell behind, user revoked, moved or given
 //     a new password) discards it and closes the socket at once, which fails a write in
 //     progress. Whoever then sees ending calls finish: the writer after its write, or the
@@ -370,15 +369,15 @@ func (h *hub) all() []*subscriber {
 // reach its onmessage as an empty message, which breaks the usual JSON.parse.
 var keepAlive = []byte(":\n")
 
-// sweep, at now, ends streams whose credentials have expired and hijacked streams whose
-// client has gone (nothing else reads those sockets), and sends keep-alives to streams
-// silent for --heartbeat.
+// sweep, at now, ends streams whose credentials have expired and sends keep-alives to
+// streams silent for --heartbeat. Nothing reads a hijacked stream's socket: a client that
+// has gone is noticed when a keep-alive's write fails, within two heartbeats.
 func (h *hub) sweep(now time.Time) {
 	for _, s := range h.all() {
 		s.mu.Lock()
-		silent, conn := !s.queued && now.Sub(s.lastWrite) >= h.cfg.heartbeat, s.conn
+		silent := !s.queued && now.Sub(s.lastWrite) >= h.cfg.heartbeat
 		s.mu.Unlock()
-		if now.After(s.expires) || conn != nil && peerClosed(conn) {
+		if now.After(s.expires) {
 			s.end()
 		} else if silent {
 			s.enqueue(keepAlive)
@@ -392,24 +391,6 @@ func rawConn(c net.Conn) net.Conn {
 		return t.NetConn()
 	}
 	return c
-}
-
-// peerClosed peeks at the socket without blocking: end of file means the client has gone.
-func peerClosed(c net.Conn) bool {
-	sc, ok := rawConn(c).(syscall.Conn)
-	if !ok {
-		return false
-	}
-	raw, err := sc.SyscallConn()
-	closed := err != nil
-	if err == nil {
-		raw.Read(func(fd uintptr) bool {
-			n, _, err := syscall.Recvfrom(int(fd), make([]byte, 1), syscall.MSG_PEEK|syscall.MSG_DONTWAIT)
-			closed = n == 0 && err == nil || err != nil && err != syscall.EAGAIN && err != syscall.EINTR
-			return true
-		})
-	}
-	return closed
 }
 
 // closeStreams ends every stream and refuses new ones. It returns when all have ended,

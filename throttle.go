@@ -22,8 +22,9 @@ import (
 // map's overhead) whatever a client sends; at most maxKeys are held (about 10 MiB).
 type throttle struct {
 	maxKeys int
-	mu      sync.Mutex // guards strikes
+	mu      sync.Mutex // guards strikes and rescan
 	strikes map[tkey]strike
+	rescan  time.Time // when a full map may be scanned for keys to forget again
 }
 
 // tkey is what a throttle counts attempts against.
@@ -48,19 +49,19 @@ func accountKey(kind, username string) tkey {
 	return tkey{sha256.Sum256([]byte(kind + "\x00" + username)), 5, 2}
 }
 
-// addrKey counts attempts from one client address (an IPv6 client by its /64, which one
-// client usually has whole); kind "login" for passwords and codes, "admin" for admin tokens.
+// addrKey counts attempts from one client address (an IPv6 client by its /48, the most a
+// site is usually given, so one client cannot fill the throttle with its addresses); kind "login" for passwords and codes, "admin" for admin tokens.
 func addrKey(kind string, r *http.Request) tkey {
 	// Admin tokens are compared, not hashed: 20 may be checked at once.
 	return tkey{sha256.Sum256([]byte(kind + "\x00" + clientAddr(r))), 20, cmp.Or(map[string]int{"admin": 20}[kind], 2)}
 }
 
-// clientAddr is the client's IP address as the server sees it, an IPv6 address as its /64.
+// clientAddr is the client's IP address as the server sees it, an IPv6 address as its /48.
 // Proxy headers are not trusted: any client can set them.
 func clientAddr(r *http.Request) string {
 	host, _, _ := net.SplitHostPort(r.RemoteAddr)
 	if ip := net.ParseIP(host); ip != nil && ip.To4() == nil {
-		return ip.Mask(net.CIDRMask(64, 128)).String() + "/64"
+		return ip.Mask(net.CIDRMask(48, 128)).String() + "/48"
 	}
 	return host
 }
@@ -76,18 +77,25 @@ func (t *throttle) begin(now time.Time, keys ...tkey) (end func(failed bool), er
 			return nil, &retryError{after: max(st.until.Sub(now), time.Second), error: errTooMany}
 		}
 	}
-	// Room for two more keys: a full map forgets keys without an attempt in flight whose
-	// last failure and lock ended over forget ago. Failures are never forgotten earlier,
-	// or a flood of new keys would reset everyone's count: with no room, attempts of new
-	// keys are refused.
+	// Room for the keys the map does not hold: a full map forgets keys without an attempt
+	// in flight whose last failure and lock ended over forget ago. Failures are never
+	// forgotten earlier, or a flood of new keys would reset everyone's count: with no room,
+	// attempts with a new key are refused, and the map is not scanned again for a second.
+	fresh := 0
+	for _, k := range keys {
+		if _, held := t.strikes[k]; !held {
+			fresh++
+		}
+	}
 	for k, st := range t.strikes {
-		if len(t.strikes)+2 <= t.maxKeys {
+		if len(t.strikes)+fresh <= t.maxKeys || now.Before(t.rescan) {
 			break
 		} else if st.inflight == 0 && now.After(st.until.Add(forget)) && now.After(st.last.Add(forget)) {
 			delete(t.strikes, k)
 		}
 	}
-	if len(t.strikes)+2 > t.maxKeys {
+	if len(t.strikes)+fresh > t.maxKeys {
+		t.rescan = now.Add(time.Second)
 		return nil, &retryError{after: time.Second, error: errTooMany}
 	}
 	for _, k := range keys {

@@ -189,6 +189,11 @@ func TestThrottleBounded(t *testing.T) {
 	if refused < 9000 || th.strikes[victim].fails != 4 {
 		t.Errorf("flooded with 10,000 new keys: %d refused, victim's failures %d; want most refused and 4 kept", refused, th.strikes[victim].fails)
 	}
+	if end, err := th.begin(now.Add(2*time.Second), victim); err != nil { // a held key needs no room
+		t.Errorf("a key the full throttle holds: %v; want its attempt evaluated", err)
+	} else {
+		end(false)
+	}
 	later := now.Add(forget + time.Minute) // every failure is old enough to forget
 	if end, err := th.begin(later, accountKey("login", "new")); err != nil {
 		t.Errorf("new key after the failures were forgotten: %v", err)
