@@ -94,7 +94,7 @@ func (t *throttle) begin(now time.Time, keys ...tkey) (end func(failed bool), er
 			delete(t.strikes, k)
 		}
 	}
-	if len(t.strikes)+fresh > t.maxKeys {
+	if fresh > 0 && len(t.strikes)+fresh > t.maxKeys {
 		t.rescan = now.Add(time.Second)
 		return nil, &retryError{after: time.Second, error: errTooMany}
 	}
