@@ -111,7 +111,7 @@ func (t *throttle) end(now time.Time, failed bool, keys []tkey) {
 	defer t.mu.Unlock()
 	for _, k := range keys {
 		st := t.strikes[k]
-		st.inflight = max(st.inflight-1, 0) // the key may have been forgotten meanwhile
+		st.inflight-- // a key with an attempt in flight is never forgotten
 		if failed {
 			st.fails, st.last = st.fails+1, now
 			if st.fails >= k.free {
@@ -128,8 +128,9 @@ func (t *throttle) clear(keys ...tkey) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	for _, k := range keys {
-		st := t.strikes[k]
-		st.fails, st.until = 0, time.Time{}
-		t.strikes[k] = st
+		if st, held := t.strikes[k]; held { // a key it does not hold has nothing to forget
+			st.fails, st.until = 0, time.Time{}
+			t.strikes[k] = st
+		}
 	}
 }
