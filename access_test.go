@@ -447,7 +447,6 @@ func TestAdminTokenThrottled(t *testing.T) {
 // TestSecretsAndHost: empty or, with --secure, short secrets are refused; with the public
 // default secrets broker listens on loopback only, with its own on --host.
 func TestSecretsAndHost(t *testing.T) {
-	noenv := func(string) string { return "" }
 	long, token := "0123456789abcdef0123456789abcdef", "admin-0123456789"
 	for _, args := range [][]string{
 		{"--jwt_secret="},
@@ -457,7 +456,7 @@ func TestSecretsAndHost(t *testing.T) {
 		{"--secure", "--auto_cert=false", "--jwt_secret=" + long, "--admin_token=" + token[:15]},
 		{"--secure", "--domain=example.com", "--jwt_secret=" + long[:31], "--admin_token=" + token},
 	} {
-		if _, err := parseConfig(args, noenv, io.Discard); err == nil {
+		if _, err := parseConfig(args, noEnv, io.Discard); err == nil {
 			t.Errorf("parseConfig %q: accepted; want an error", args)
 		}
 	}
@@ -465,11 +464,11 @@ func TestSecretsAndHost(t *testing.T) {
 		{"--secure", "--auto_cert=false", "--jwt_secret=" + long, "--admin_token=" + token},
 		{"--host", "127.0.0.1"},
 	} {
-		if _, err := parseConfig(args, noenv, io.Discard); err != nil {
+		if _, err := parseConfig(args, noEnv, io.Discard); err != nil {
 			t.Errorf("parseConfig %q: %v; want no error", args, err)
 		}
 	}
-	if c, err := parseConfig([]string{"--host", "127.0.0.2"}, noenv, io.Discard); err != nil || c.host != "127.0.0.2" {
+	if c, err := parseConfig([]string{"--host", "127.0.0.2"}, noEnv, io.Discard); err != nil || c.host != "127.0.0.2" {
 		t.Errorf("--host 127.0.0.2: got %q, %v; want 127.0.0.2", c.host, err)
 	}
 
@@ -488,7 +487,7 @@ func TestSecretsAndHost(t *testing.T) {
 			ctx, cancel := context.WithCancel(context.Background())
 			done, logs := make(chan error, 1), &syncBuffer{}
 			go func() {
-				done <- run(ctx, append([]string{"--ntp_server=", "--db", t.TempDir(), "--port", port}, c.args...), noenv, logs)
+				done <- run(ctx, append([]string{"--ntp_server=", "--db", t.TempDir(), "--port", port}, c.args...), noEnv, io.Discard, logs)
 			}()
 			defer func() {
 				cancel()

@@ -35,7 +35,7 @@ type testBroker struct {
 
 func testConfig(t testing.TB) config {
 	t.Helper()
-	cfg, err := parseConfig(nil, func(string) string { return "" }, io.Discard)
+	cfg, err := parseConfig(nil, noEnv, io.Discard)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -541,27 +541,57 @@ func TestSecondProcessRefused(t *testing.T) {
 	}
 }
 
+// noEnv is an environment without BROKER_ variables.
+func noEnv(string) (string, bool) { return "", false }
+
+// envOf is an environment of the variables in m.
+func envOf(m map[string]string) func(string) (string, bool) {
+	return func(k string) (string, bool) { v, ok := m[k]; return v, ok }
+}
+
 func TestConfig(t *testing.T) {
-	env := map[string]string{"BROKER_JWT_SECRET": "from-env", "BROKER_PORT": "9000"}
-	cfg, err := parseConfig([]string{"--port", "9100"}, func(k string) string { return env[k] }, io.Discard)
+	env := envOf(map[string]string{"BROKER_JWT_SECRET": "from-env", "BROKER_PORT": "9000", "BROKER_NTP_SERVER": ""})
+	cfg, err := parseConfig([]string{"--port", "9100"}, env, io.Discard)
 	if err != nil || cfg.jwtSecret != "from-env" || cfg.port != 9100 || cfg.adminToken != "letmein" || cfg.totpDuration != 300 {
 		t.Errorf("config: %+v %v", cfg, err)
 	}
-	if _, err := parseConfig([]string{"--secure"}, func(string) string { return "" }, io.Discard); err == nil {
+	if cfg.ntpServer != "" {
+		t.Errorf("an empty BROKER_NTP_SERVER left --ntp_server %q", cfg.ntpServer)
+	}
+	if _, err := parseConfig([]string{"--secure"}, noEnv, io.Discard); err == nil {
 		t.Error("--secure with the default secrets started")
 	}
-	if _, err := parseConfig([]string{"--secure", "--jwt_secret=a-long-secret", "--admin_token=tok"}, func(string) string { return "" }, io.Discard); err == nil {
+	if _, err := parseConfig([]string{"--secure", "--jwt_secret=a-long-secret", "--admin_token=tok"}, noEnv, io.Discard); err == nil {
 		t.Error("--secure --auto_cert without --domain started")
 	}
-	if _, err := parseConfig(nil, func(k string) string { return map[string]string{"BROKER_PORT": "x"}[k] }, io.Discard); err == nil {
+	if _, err := parseConfig(nil, envOf(map[string]string{"BROKER_PORT": "x"}), io.Discard); err == nil {
 		t.Error("a malformed BROKER_PORT was accepted")
+	}
+	// A stray argument stops flag parsing: the flags after it would be ignored.
+	for _, args := range [][]string{{"serve"}, {"--port", "9100", "extra", "--secure"}} {
+		if _, err := parseConfig(args, noEnv, io.Discard); err == nil {
+			t.Errorf("%q was accepted", args)
+		}
+	}
+}
+
+// TestHelpHidesEnvironment: --help and flag errors print the built-in defaults, never the
+// values taken from the environment (secrets).
+func TestHelpHidesEnvironment(t *testing.T) {
+	env := envOf(map[string]string{"BROKER_JWT_SECRET": "env-secret-3f9a", "BROKER_ADMIN_TOKEN": "env-token-77c1"})
+	for _, args := range [][]string{{"--help"}, {"--no_such_flag"}, {"--port", "x"}} {
+		var out bytes.Buffer
+		run(context.Background(), args, env, &out, &out)
+		if o := out.String(); !strings.Contains(o, "-admin_token") || strings.Contains(o, "env-secret-3f9a") || strings.Contains(o, "env-token-77c1") {
+			t.Errorf("%q printed:\n%s", args, o)
+		}
 	}
 }
 
 func TestVersionFlag(t *testing.T) {
 	var out bytes.Buffer
-	if err := run(context.Background(), []string{"--version"}, func(string) string { return "" }, &out); err != nil || !strings.HasPrefix(out.String(), "broker ") {
-		t.Errorf("--version: %q %v", out.String(), err)
+	if err := run(context.Background(), []string{"--version"}, noEnv, &out, io.Discard); err != nil || out.String() != "broker "+version+"\n" || version == "" {
+		t.Errorf("--version printed %q to standard output: %v", out.String(), err)
 	}
 }
 

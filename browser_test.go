@@ -88,7 +88,7 @@ func TestEventSourceResumesAcrossRestart(t *testing.T) {
 		ctx, cancel := context.WithCancel(context.Background())
 		done := make(chan error, 1)
 		go func() {
-			done <- run(ctx, []string{"--ntp_server=", "--db", db, "--port", fmt.Sprint(port)}, func(string) string { return "" }, io.Discard)
+			done <- run(ctx, []string{"--ntp_server=", "--db", db, "--port", fmt.Sprint(port)}, noEnv, io.Discard, io.Discard)
 		}()
 		waitUp(t, http.DefaultClient, base+"/")
 		return cancel, done

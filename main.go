@@ -4,6 +4,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"crypto/ed25519"
 	"crypto/sha256"
@@ -26,17 +27,21 @@ import (
 	"github.com/beevik/ntp"
 )
 
-// version is the version the go command recorded in the binary: the module version of
-// go install ...@v1.2.3, or the one it derives from the checkout's tag and commit.
-func version() string {
-	if bi, ok := debug.ReadBuildInfo(); ok && bi.Main.Version != "" {
-		return bi.Main.Version
+// version is stamped by the release script (go build -ldflags "-X main.version=v1.2.3");
+// otherwise it is what the go command recorded: the module version of go install
+// ...@v1.2.3, or the one it derives from the checkout's tag and commit.
+var version string
+
+func init() {
+	if bi, ok := debug.ReadBuildInfo(); ok && version == "" {
+		version = bi.Main.Version
 	}
-	return "(unknown)"
+	version = cmp.Or(version, "(unknown)")
 }
 
-// config holds every setting. Each comes from a flag whose default may come from the
-// environment variable BROKER_<NAME> (e.g. BROKER_JWT_SECRET), so secrets need not show in ps.
+// config holds every setting. Each comes from a flag or, when the flag is not given, from
+// the environment variable BROKER_<NAME> (e.g. BROKER_JWT_SECRET), so secrets need not
+// show in ps. An empty variable sets the flag empty (BROKER_NTP_SERVER= turns NTP off).
 type config struct {
 	port, httpPort, httpsPort, maxStreams, maxUserStreams int
 	jwtExpiry, totpDuration                               int64
@@ -49,13 +54,15 @@ type config struct {
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	if err := run(ctx, os.Args[1:], os.Getenv, os.Stderr); err != nil {
+	if err := run(ctx, os.Args[1:], os.LookupEnv, os.Stdout, os.Stderr); err != nil {
 		fmt.Fprintln(os.Stderr, "broker:", err)
 		os.Exit(1)
 	}
 }
 
-func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (config, error) {
+// parseConfig reads the settings. Help and errors show the built-in defaults, never the
+// values of the environment (secrets).
+func parseConfig(args []string, env func(string) (string, bool), stderr io.Writer) (config, error) {
 	var c config
 	fs := flag.NewFlagSet("broker", flag.ContinueOnError)
 	fs.SetOutput(stderr)
@@ -84,18 +91,19 @@ func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (c
 	fs.BoolVar(&c.showVersion, "version", false, "print the version and exit")
 	var errs []error
 	fs.VisitAll(func(f *flag.Flag) {
-		env := "BROKER_" + strings.ToUpper(f.Name)
-		if v := getenv(env); v != "" {
+		name := "BROKER_" + strings.ToUpper(f.Name)
+		if v, ok := env(name); ok {
 			if err := f.Value.Set(v); err != nil {
-				errs = append(errs, fmt.Errorf("%s: %w", env, err))
+				errs = append(errs, fmt.Errorf("%s: %w", name, err))
 			}
-			f.DefValue = v
 		}
 	})
 	err := errors.Join(append(errs, fs.Parse(args))...)
 	switch {
 	case err != nil:
 		return c, err
+	case fs.NArg() > 0: // flag parsing stopped there: what follows would be ignored
+		return c, errors.New("unexpected argument on the command line: every setting is a --flag")
 	case c.jwtSecret == "" || c.adminToken == "":
 		return c, errors.New("--jwt_secret and --admin_token must not be empty")
 	case c.secure && (len(c.jwtSecret) < 32 || len(c.adminToken) < 16):
@@ -163,14 +171,14 @@ func (s *server) close() error {
 	return s.db.close()
 }
 
-func run(ctx context.Context, args []string, getenv func(string) string, stderr io.Writer) error {
-	cfg, err := parseConfig(args, getenv, stderr)
+func run(ctx context.Context, args []string, env func(string) (string, bool), stdout, stderr io.Writer) error {
+	cfg, err := parseConfig(args, env, stderr)
 	if errors.Is(err, flag.ErrHelp) {
 		return nil
 	} else if err != nil {
 		return err
 	} else if cfg.showVersion {
-		fmt.Fprintln(stderr, "broker", version())
+		fmt.Fprintln(stdout, "broker", version)
 		return nil
 	}
 	log := slog.New(slog.NewTextHandler(stderr, nil))
@@ -200,7 +208,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 	if cfg.secure {
 		err = s.serveTLS(srv, errc)
 	} else if ln, lerr := net.Listen("tcp", net.JoinHostPort(cfg.host, strconv.Itoa(cfg.port))); lerr == nil {
-		log.Info("broker listening", "addr", ln.Addr().String(), "version", version())
+		log.Info("broker listening", "addr", ln.Addr().String(), "version", version)
 		go func() { errc <- srv.Serve(ln) }()
 	} else {
 		err = lerr

@@ -315,7 +315,7 @@ func TestGracefulShutdown(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() {
-		done <- run(ctx, []string{"--ntp_server=", "--db", db, "--port", fmt.Sprint(port)}, func(string) string { return "" }, io.Discard)
+		done <- run(ctx, []string{"--ntp_server=", "--db", db, "--port", fmt.Sprint(port)}, noEnv, io.Discard, io.Discard)
 	}()
 	base := fmt.Sprintf("http://127.0.0.1:%d", port)
 	waitUp(t, http.DefaultClient, base+"/")
@@ -390,7 +390,7 @@ func TestNTPClock(t *testing.T) {
 			ctx, cancel := context.WithCancel(context.Background())
 			done, logs := make(chan error, 1), &syncBuffer{}
 			go func() {
-				done <- run(ctx, []string{"--ntp_server", c.server, "--db", t.TempDir(), "--port", fmt.Sprint(port)}, func(string) string { return "" }, logs)
+				done <- run(ctx, []string{"--ntp_server", c.server, "--db", t.TempDir(), "--port", fmt.Sprint(port)}, noEnv, io.Discard, logs)
 			}()
 			defer func() { cancel(); <-done }()
 			base := fmt.Sprintf("http://127.0.0.1:%d", port)

@@ -64,7 +64,7 @@ func (s *server) serveTLS(srv *http.Server, errc chan<- error) error {
 	}
 	plainSrv := &http.Server{Handler: plain, ReadHeaderTimeout: 10 * time.Second, ReadTimeout: 30 * time.Second, WriteTimeout: 30 * time.Second}
 	srv.RegisterOnShutdown(func() { plainSrv.Close() })
-	s.log.Info("broker listening", "https", httpsLn.Addr().String(), "http", httpLn.Addr().String(), "version", version())
+	s.log.Info("broker listening", "https", httpsLn.Addr().String(), "http", httpLn.Addr().String(), "version", version)
 	go func() { errc <- srv.ServeTLS(httpsLn, "", "") }()
 	go func() { errc <- plainSrv.Serve(httpLn) }()
 	return nil

@@ -68,7 +68,7 @@ func startRun(t *testing.T, args ...string) (<-chan error, context.CancelFunc) {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() {
-		done <- run(ctx, append([]string{"--ntp_server=", "--db", t.TempDir()}, args...), func(string) string { return "" }, io.Discard)
+		done <- run(ctx, append([]string{"--ntp_server=", "--db", t.TempDir()}, args...), noEnv, io.Discard, io.Discard)
 	}()
 	t.Cleanup(func() {
 		cancel()
@@ -166,7 +166,7 @@ func TestOwnCertificateRefusedAtStart(t *testing.T) {
 	}
 	for _, c := range cases {
 		err := run(context.Background(), []string{"--ntp_server=", "--db", t.TempDir(), "--secure", "--auto_cert=false", "--jwt_secret=0123456789abcdef0123456789abcdef", "--admin_token=admin-0123456789",
-			"--cert_path", c.cert, "--key_path", c.key, "--https_port", fmt.Sprint(freePort(t)), "--http_port", fmt.Sprint(freePort(t))}, func(string) string { return "" }, io.Discard)
+			"--cert_path", c.cert, "--key_path", c.key, "--https_port", fmt.Sprint(freePort(t)), "--http_port", fmt.Sprint(freePort(t))}, noEnv, io.Discard, io.Discard)
 		if err == nil || !strings.Contains(err.Error(), c.want) {
 			t.Errorf("start with %s: got %v; want an error containing %q", filepath.Base(c.cert), err, c.want)
 		}
