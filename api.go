@@ -25,6 +25,7 @@ var (
 	errInvalid      = errors.New("invalid request")
 	errUnauthorized = errors.New("unauthorized")
 	errNotFound     = errors.New("not found")
+	errMethod       = errors.New("method not allowed")
 	errTooLarge     = errors.New("too large")
 	errTooMany      = errors.New("too many requests")
 	errBusy         = errors.New("server busy")
@@ -77,7 +78,20 @@ func (s *server) routes() http.Handler {
 		w.Header().Set("Referrer-Policy", "no-referrer")
 		files.ServeHTTP(w, r)
 	})
-	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) { s.fail(w, r, errNotFound) })
+	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) { // 404, or 405 naming the methods the path has
+		var allow []string
+		for _, m := range []string{"GET", "HEAD", "POST"} {
+			if _, p := mux.Handler(&http.Request{Method: m, URL: r.URL, Host: r.Host}); p != "/" {
+				allow = append(allow, m)
+			}
+		}
+		if allow == nil {
+			s.fail(w, r, errNotFound)
+			return
+		}
+		w.Header().Set("Allow", strings.Join(allow, ", "))
+		s.fail(w, r, errMethod)
+	})
 	return s.common(mux)
 }
 
@@ -250,7 +264,7 @@ func (s *server) reply(w http.ResponseWriter, status int, v any) {
 // reach the client only as "internal error".
 func (s *server) fail(w http.ResponseWriter, r *http.Request, err error) {
 	status, msg := http.StatusInternalServerError, "internal error"
-	for code, sentinel := range map[int]error{400: errInvalid, 401: errUnauthorized, 404: errNotFound, 413: errTooLarge, 429: errTooMany, 503: errBusy} {
+	for code, sentinel := range map[int]error{400: errInvalid, 401: errUnauthorized, 404: errNotFound, 405: errMethod, 413: errTooLarge, 429: errTooMany, 503: errBusy} {
 		if errors.Is(err, sentinel) {
 			status, msg = code, err.Error()
 		}

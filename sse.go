@@ -15,6 +15,7 @@ import (
 	"runtime"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 	"unicode/utf16"
@@ -188,7 +189,7 @@ func compactASCII(raw []byte) ([]byte, error) {
 //   - finished: finish (once) removes s from the hub, closes the connection and done.
 type subscriber struct {
 	h            *hub
-	tenant, user string
+	tenant, user string              // user is "" on an admin's stream (no username is empty)
 	expires      time.Time           // the credentials' expiry, on the local clock
 	pages        chan struct{}       // the user's turns to write backlog pages
 	w            http.ResponseWriter // HTTP/2 streams are written through w; set while syncing
@@ -440,11 +441,21 @@ func (s *server) page(sub *subscriber, latest bool, after, upto uint64) (last ui
 // handleSSE streams the tenant's events (CONTRACT §4): the backlog (the latest event of
 // every name, or everything after Last-Event-ID), then live events, with no gap and no
 // duplicate between the two.
+//
+// With ?tenant=NAME and the admin token as "Authorization: Bearer", it streams that
+// tenant's events to the admin (the console): a stream of no user, which never expires.
 func (s *server) handleSSE(w http.ResponseWriter, r *http.Request) {
-	if tok := r.URL.Query().Get("access_token"); tok != "" && r.Header.Get("Authorization") == "" {
-		r.Header.Set("Authorization", "Bearer "+tok) // RFC 6750 §2.3: the browser's EventSource sends no headers
+	q, u, exp, err := r.URL.Query(), &user{}, int64(1<<40), error(nil)
+	if u.Tenant = q.Get("tenant"); q.Has("tenant") { // the admin token is never taken from the URL
+		if err = s.checkAdmin(r, strings.TrimPrefix(r.Header.Get("Authorization"), "Bearer ")); err == nil && !validName(u.Tenant, false) {
+			err = fmt.Errorf("%w: tenant must be 1-64 characters", errInvalid)
+		}
+	} else {
+		if tok := q.Get("access_token"); tok != "" && r.Header.Get("Authorization") == "" {
+			r.Header.Set("Authorization", "Bearer "+tok) // RFC 6750 §2.3: the browser's EventSource sends no headers
+		}
+		u, exp, err = s.authenticate(r)
 	}
-	u, exp, err := s.authenticate(r)
 	if err != nil {
 		s.fail(w, r, err)
 		return
@@ -475,7 +486,7 @@ func (s *server) handleSSE(w http.ResponseWriter, r *http.Request) {
 	// u is read again now that its stream is registered: a revocation, tenant move or new
 	// password committed while the request was authenticated is seen here, and one
 	// committed later ends the registered stream (hub.kick).
-	if cur, err := s.db.getUser(u.Username); err != nil || cur.Revoked || cur.Tenant != u.Tenant || cur.NotBefore != u.NotBefore || cur.Hash != u.Hash {
+	if cur, err := s.db.getUser(u.Username); u.Username != "" && (err != nil || cur.Revoked || cur.Tenant != u.Tenant || cur.NotBefore != u.NotBefore || cur.Hash != u.Hash) {
 		s.fail(w, r, errBadToken)
 		return
 	}

@@ -5,28 +5,64 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"net/http"
 	"net/url"
+	"os"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"golang.org/x/crypto/acme"
 	"golang.org/x/crypto/acme/autocert"
 )
 
-// loadCert reads the certificate pair, failing at start when it is missing, unreadable,
-// mismatched or not valid now (rather than at the first handshake).
-func loadCert(certPath, keyPath string, now time.Time) (*tls.Certificate, error) {
-	cert, err := tls.LoadX509KeyPair(certPath, keyPath) // parses the leaf too (Go 1.23)
+// certFiles serves the pair --cert_path and --key_path, read again at each handshake and
+// taken into use when either file's content changed, so renewed files apply at once. A
+// new pair that fails to load (mismatched, expired, half written) is logged and the last
+// good one kept.
+type certFiles struct {
+	certPath, keyPath string
+	log               *slog.Logger
+	mu                sync.Mutex // guards the fields below
+	cert              *tls.Certificate
+	seen              string // the content of the files last read
+}
+
+// load takes the pair into use if the files changed since they were last read.
+func (c *certFiles) load(now time.Time) error {
+	certPEM, err := os.ReadFile(c.certPath)
+	keyPEM, err2 := os.ReadFile(c.keyPath)
+	seen := string(certPEM) + string(keyPEM)
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if seen == c.seen && c.cert != nil {
+		return nil
+	}
+	c.seen = seen
+	var cert tls.Certificate
+	if err = cmp.Or(err, err2); err == nil {
+		cert, err = tls.X509KeyPair(certPEM, keyPEM) // parses the leaf too (Go 1.23)
+	}
 	if err == nil && (now.After(cert.Leaf.NotAfter) || now.Before(cert.Leaf.NotBefore)) {
 		err = fmt.Errorf("valid only from %s to %s", cert.Leaf.NotBefore.Format(time.RFC3339), cert.Leaf.NotAfter.Format(time.RFC3339))
 	}
 	if err != nil {
-		return nil, fmt.Errorf("tls: certificate %s with key %s: %w", certPath, keyPath, err)
+		return fmt.Errorf("tls: certificate %s with key %s: %w", c.certPath, c.keyPath, err)
 	}
-	return &cert, nil
+	c.cert = &cert
+	return nil
+}
+
+func (c *certFiles) get(*tls.ClientHelloInfo) (*tls.Certificate, error) {
+	if err := c.load(time.Now()); err != nil {
+		c.log.Error("keeping the certificate in use", "err", err)
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.cert, nil
 }
 
 // serveTLS serves srv over HTTPS on --https_port (HTTP/2 or HTTP/1.1, TLS 1.2 at least)
@@ -47,11 +83,11 @@ func (s *server) serveTLS(srv *http.Server, errc chan<- error) error {
 		}
 		srv.TLSConfig, plain = m.TLSConfig(), m.HTTPHandler(plain)
 	} else {
-		cert, err := loadCert(s.cfg.certPath, s.cfg.keyPath, time.Now())
-		if err != nil {
+		c := &certFiles{certPath: s.cfg.certPath, keyPath: s.cfg.keyPath, log: s.log}
+		if err := c.load(time.Now()); err != nil { // missing, mismatched or expired: refused at start, not at the first handshake
 			return err
 		}
-		srv.TLSConfig = &tls.Config{Certificates: []tls.Certificate{*cert}, NextProtos: []string{"h2", "http/1.1"}}
+		srv.TLSConfig = &tls.Config{GetCertificate: c.get, NextProtos: []string{"h2", "http/1.1"}}
 	}
 	srv.TLSConfig.MinVersion = tls.VersionTLS12
 	httpsLn, err := net.Listen("tcp", net.JoinHostPort(s.cfg.host, strconv.Itoa(s.cfg.httpsPort)))
