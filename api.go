@@ -79,18 +79,14 @@ func (s *server) routes() http.Handler {
 		files.ServeHTTP(w, r)
 	})
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) { // 404, or 405 naming the methods the path has
-		var allow []string
+		err := errNotFound
 		for _, m := range []string{"GET", "HEAD", "POST"} {
 			if _, p := mux.Handler(&http.Request{Method: m, URL: r.URL, Host: r.Host}); p != "/" {
-				allow = append(allow, m)
+				w.Header().Set("Allow", strings.TrimPrefix(w.Header().Get("Allow")+", "+m, ", "))
+				err = errMethod
 			}
 		}
-		if allow == nil {
-			s.fail(w, r, errNotFound)
-			return
-		}
-		w.Header().Set("Allow", strings.Join(allow, ", "))
-		s.fail(w, r, errMethod)
+		s.fail(w, r, err)
 	})
 	return s.common(mux)
 }
@@ -353,9 +349,7 @@ func (s *server) revokeUser(r *http.Request, _ caller, req *userReq) (any, error
 		u.endTokens(s.now()) // tokens issued before stay dead after an unrevoke
 		return nil
 	})
-	if err == nil {
-		s.hub.kick(req.Username)
-	}
+	s.hub.kick(req.Username) // an unknown user has no streams
 	return struct{}{}, err
 }
 
@@ -365,9 +359,7 @@ func (s *server) unrevokeUser(r *http.Request, _ caller, req *userReq) (any, err
 		u.Revoked = false
 		return nil
 	})
-	if err == nil {
-		s.throttle.clear(accountKey("login", req.Username), accountKey("reset", req.Username))
-	}
+	s.throttle.clear(accountKey("login", req.Username), accountKey("reset", req.Username)) // an unknown user has none
 	return struct{}{}, err
 }
 
@@ -397,9 +389,7 @@ func (s *server) createTOTP(r *http.Request, _ caller, req *userReq) (any, error
 		u.ResetCode, u.ResetExpiry = hashCode(code), expiry
 		return nil
 	})
-	if err == nil {
-		s.throttle.clear(accountKey("login", req.Username), accountKey("reset", req.Username))
-	}
+	s.throttle.clear(accountKey("login", req.Username), accountKey("reset", req.Username)) // an unknown user has none
 	return map[string]any{"totp": code, "expiry": expiry}, err
 }
 

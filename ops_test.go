@@ -13,7 +13,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -424,39 +423,5 @@ func TestNTPClock(t *testing.T) {
 				time.Sleep(50 * time.Millisecond) // the first NTP measurement runs beside start-up
 			}
 		})
-	}
-}
-
-// TestSyncIndexBuiltForOldDatabases: a database written before the sync index existed gets
-// it when opened, so new streams still sync the latest event of every name, oldest first.
-func TestSyncIndexBuiltForOldDatabases(t *testing.T) {
-	dir := t.TempDir()
-	st, err := openStore(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var evs []*event
-	for _, name := range []string{"a", "b", "a", "c", "b"} {
-		evs = append(evs, &event{Tenant: "t", Name: name, Data: []byte(`1`)})
-	}
-	err = st.appendEvents(evs)
-	if err == nil {
-		err = st.db.Update(func(tx *bolt.Tx) error { return tx.DeleteBucket(bucketSync) })
-	}
-	if err != nil {
-		t.Fatal(err)
-	}
-	st.close()
-	if st, err = openStore(dir); err != nil {
-		t.Fatal(err)
-	}
-	defer st.close()
-	var got []uint64
-	st.eachEvent("t", true, 0, math.MaxUint64, func(id uint64, _, _ []byte) bool {
-		got = append(got, id)
-		return true
-	})
-	if want := []uint64{3, 4, 5}; !slices.Equal(got, want) {
-		t.Errorf("latest events after opening: got %v; want %v", got, want)
 	}
 }

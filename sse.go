@@ -413,12 +413,19 @@ func (h *hub) close() {
 }
 
 // page writes the page of sub's backlog after the ID after (about maxPage bytes) and
-// returns the ID of its last event, 0 at the end. Pages keep a long history from holding a
-// read transaction open during slow writes. A page is held while its write waits for the
-// client, so only backlogTurns are read and written at once, at most userPages of them for
-// one user, so one user's stalled streams cannot hold every turn; a stream that waits for a
-// turn longer than writeTimeout ends (it resumes by ID).
+// returns the ID of its last event, 0 at the end, or an error once the stream is ending.
+// Pages keep a long history from holding a read transaction open during slow writes. A
+// page is held while its write waits for the client, so only backlogTurns are read and
+// written at once, at most userPages of them for one user, so one user's stalled streams
+// cannot hold every turn; a stream that waits for a turn longer than writeTimeout ends (it
+// resumes by ID).
 func (s *server) page(sub *subscriber, latest bool, after, upto uint64) (last uint64, err error) {
+	sub.mu.Lock()
+	ending := sub.ending // dropped or ended meanwhile
+	sub.mu.Unlock()
+	if ending {
+		return 0, errBusy
+	}
 	for _, turns := range []chan struct{}{sub.pages, s.backlogTurns} {
 		select {
 		case turns <- struct{}{}:
@@ -514,19 +521,11 @@ func (s *server) handleSSE(w http.ResponseWriter, r *http.Request) {
 		after = 0
 	}
 	for {
-		sub.mu.Lock()
-		ending := sub.ending // dropped or ended meanwhile
-		sub.mu.Unlock()
-		if ending {
+		if after, err = s.page(sub, latest, after, upto); err != nil {
 			return
-		}
-		last, err := s.page(sub, latest, after, upto)
-		if err != nil {
-			return
-		} else if last == 0 {
+		} else if after == 0 {
 			break
 		}
-		after = last
 	}
 	live = true
 	sub.written(nil, false) // the backlog is out: live frames follow

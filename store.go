@@ -54,23 +54,14 @@ func openStore(dir string) (*store, error) {
 	return &store{db: db}, nil
 }
 
-// createBuckets creates the top-level buckets, and the sync index of every tenant of a
-// database written before it existed.
+// createBuckets creates the top-level buckets.
 func createBuckets(tx *bolt.Tx) error {
 	for _, b := range [][]byte{bucketUsers, bucketEvents, bucketLatest, bucketSync, bucketMeta} {
 		if _, err := tx.CreateBucketIfNotExists(b); err != nil {
 			return err
 		}
 	}
-	return tx.Bucket(bucketLatest).ForEachBucket(func(tenant []byte) error {
-		index, err := tx.Bucket(bucketSync).CreateBucket(tenant)
-		if errors.Is(err, berrors.ErrBucketExists) {
-			return nil
-		} else if err != nil {
-			return err
-		}
-		return tx.Bucket(bucketLatest).Bucket(tenant).ForEach(func(name, id []byte) error { return index.Put(id, name) })
-	})
+	return nil
 }
 
 func (st *store) close() error { return st.db.Close() }

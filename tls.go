@@ -13,6 +13,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/crypto/acme"
@@ -26,33 +27,31 @@ import (
 type certFiles struct {
 	certPath, keyPath string
 	log               *slog.Logger
-	mu                sync.Mutex // guards the fields below
-	cert              *tls.Certificate
-	seen              string // the content of the files last read
+	cert              atomic.Pointer[tls.Certificate]
+	mu                sync.Mutex // guards seen
+	seen              string     // the content of the files last read
 }
 
 // load takes the pair into use if the files changed since they were last read.
 func (c *certFiles) load(now time.Time) error {
 	certPEM, err := os.ReadFile(c.certPath)
 	keyPEM, err2 := os.ReadFile(c.keyPath)
-	seen := string(certPEM) + string(keyPEM)
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if seen == c.seen && c.cert != nil {
-		return nil
+	if seen := string(certPEM) + string(keyPEM); seen != c.seen || c.cert.Load() == nil {
+		c.seen = seen
+		var cert tls.Certificate
+		if err = cmp.Or(err, err2); err == nil {
+			cert, err = tls.X509KeyPair(certPEM, keyPEM) // parses the leaf too (Go 1.23)
+		}
+		if err == nil && (now.After(cert.Leaf.NotAfter) || now.Before(cert.Leaf.NotBefore)) {
+			err = fmt.Errorf("valid only from %s to %s", cert.Leaf.NotBefore.Format(time.RFC3339), cert.Leaf.NotAfter.Format(time.RFC3339))
+		}
+		if err != nil {
+			return fmt.Errorf("tls: certificate %s with key %s: %w", c.certPath, c.keyPath, err)
+		}
+		c.cert.Store(&cert)
 	}
-	c.seen = seen
-	var cert tls.Certificate
-	if err = cmp.Or(err, err2); err == nil {
-		cert, err = tls.X509KeyPair(certPEM, keyPEM) // parses the leaf too (Go 1.23)
-	}
-	if err == nil && (now.After(cert.Leaf.NotAfter) || now.Before(cert.Leaf.NotBefore)) {
-		err = fmt.Errorf("valid only from %s to %s", cert.Leaf.NotBefore.Format(time.RFC3339), cert.Leaf.NotAfter.Format(time.RFC3339))
-	}
-	if err != nil {
-		return fmt.Errorf("tls: certificate %s with key %s: %w", c.certPath, c.keyPath, err)
-	}
-	c.cert = &cert
 	return nil
 }
 
@@ -60,9 +59,7 @@ func (c *certFiles) get(*tls.ClientHelloInfo) (*tls.Certificate, error) {
 	if err := c.load(time.Now()); err != nil {
 		c.log.Error("keeping the certificate in use", "err", err)
 	}
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.cert, nil
+	return c.cert.Load(), nil
 }
 
 // serveTLS serves srv over HTTPS on --https_port (HTTP/2 or HTTP/1.1, TLS 1.2 at least)

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"crypto/rand"
 	"crypto/sha256"
@@ -167,12 +168,11 @@ func (s *server) checkPassword(ctx context.Context, password string, inputs ...s
 
 // apply sets the given fields on u; the password must already be hashed into hash.
 func (s *server) apply(u *user, f userFields, hash string) {
-	set(&u.Tenant, f.Tenant)
-	set(&u.Scopes, f.Scopes)
-	set(&u.Data, f.Data)
-	if f.Email != nil {
-		u.Email = f.Email
-	}
+	// A given field (a non-nil pointer) replaces the current value.
+	u.Tenant = *cmp.Or(f.Tenant, &u.Tenant)
+	u.Scopes = *cmp.Or(f.Scopes, &u.Scopes)
+	u.Data = *cmp.Or(f.Data, &u.Data)
+	u.Email = cmp.Or(f.Email, u.Email)
 	if hash != "" {
 		if u.Hash != "" {
 			u.endTokens(s.now())
@@ -188,13 +188,6 @@ func (s *server) apply(u *user, f userFields, hash string) {
 			u.TOTPSecret = base32.StdEncoding.WithPadding(base32.NoPadding).EncodeToString(randomBytes(20))
 			u.endTokens(s.now())
 		}
-	}
-}
-
-// set copies *p to *dst when p is given.
-func set[T any](dst, p *T) {
-	if p != nil {
-		*dst = *p
 	}
 }
 
