@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"image"
 	"image/draw"
 	"image/png"
@@ -45,11 +46,31 @@ func browser(t *testing.T) context.Context {
 	return ctx
 }
 
-// TestConsole drives the admin console in a real browser through every feature: sign in,
-// users, revocation, the QR code, and the live view with an insert.
+// TestConsole drives the admin console in a real browser through every feature: what is
+// hidden before sign-in, sign in, users, revocation, the QR code, and the live view of a
+// tenant with the admin token alone: long data shortened, reconnection by Last-Event-ID,
+// inserts as a user.
 func TestConsole(t *testing.T) {
-	b := newTestBroker(t)
+	// Keep-alives every 300 ms: the page reads them between the events, and a stream the
+	// page has left is found (and counted out) within two of them.
+	b := newTestBroker(t, func(c *config) { c.heartbeat = 300 * time.Millisecond })
 	ctx := browser(t)
+	// The page logs no exception and no error (a CSP violation, say), but for the requests
+	// refused on purpose (the network's).
+	cctx, stopConsole := context.WithCancel(ctx)
+	defer stopConsole()
+	messages, pageErrors := chromedp.Console(cctx), make(chan []string, 1) // subscribed from here on
+	go func() {
+		var errs []string
+		for m, err := range messages {
+			if err != nil {
+				break
+			} else if m.IsException() || m.Type == chromedp.ConsoleError && m.Source != "network" {
+				errs = append(errs, m.String())
+			}
+		}
+		pageErrors <- errs
+	}()
 	run := func(step string, actions ...chromedp.Action[chromedp.Void]) {
 		t.Helper()
 		sctx, cancel := context.WithTimeout(ctx, 20*time.Second)
@@ -66,12 +87,45 @@ func TestConsole(t *testing.T) {
 		}
 		return s
 	}
-	poll := func(step, expr string) {
+	eval := func(expr string) string { return string(js[[]byte](t, ctx, expr)) } // expr's value, as JSON
+	// poll waits for expr to be true, or fails showing the value of each of show.
+	poll := func(step, expr string, show ...string) {
 		t.Helper()
-		if _, err := chromedp.Run(ctx, chromedp.Poll[bool](expr, chromedp.WithPollingTimeout(10*time.Second))); err != nil {
-			t.Fatalf("%s: %v", step, err)
+		sctx, cancel := context.WithTimeout(ctx, 15*time.Second)
+		defer cancel()
+		if _, err := chromedp.Run(sctx, chromedp.Poll[bool](expr, chromedp.WithPollingTimeout(10*time.Second))); err != nil {
+			var seen []string
+			for _, e := range append(show, `document.querySelector('main').innerText.slice(0, 1500)`) {
+				seen = append(seen, e+" = "+eval(e))
+			}
+			t.Fatalf("%s: %v\n%s", step, err, strings.Join(seen, "\n"))
 		}
 	}
+	// shown is true when sel's element takes room on the page (the CSS display, the hidden
+	// attribute and the ancestors' included).
+	shown := func(sel string) string {
+		return fmt.Sprintf(`((e) => e !== null && e.getClientRects().length > 0)(document.querySelector(%q))`, sel)
+	}
+	// Every element with the hidden attribute is display: none, whatever the style sheet.
+	const hiddenShown = `[...document.querySelectorAll('[hidden]')].filter((e) => getComputedStyle(e).display !== 'none').map((e) => e.id || e.tagName)`
+	noHiddenShown := func(step string) {
+		t.Helper()
+		if got := eval(hiddenShown); got != "[]" {
+			t.Errorf("%s: elements with the hidden attribute displayed: %s", step, got)
+		}
+	}
+	// oneLine: each of sel's elements is on one line of text, with white-space: nowrap.
+	oneLine := func(sel string) string {
+		return fmt.Sprintf(`[...document.querySelectorAll(%q)].every((e) => {
+			const r = document.createRange();
+			r.selectNodeContents(e);
+			return getComputedStyle(e).whiteSpace === 'nowrap' && r.getClientRects().length === 1;
+		})`, sel)
+	}
+	rowHeight := func(event string) string {
+		return fmt.Sprintf(`document.querySelector('#event-table tr[data-event=%q]').getBoundingClientRect().height`, event)
+	}
+
 	// The console's headers.
 	resp, err := http.Get(b.ts.URL + "/admin/")
 	if err != nil {
@@ -83,14 +137,33 @@ func TestConsole(t *testing.T) {
 		t.Errorf("console headers: %v", resp.Header)
 	}
 
+	// Before sign-in, only the sign-in form shows: not the nav, not the tabs' content, not
+	// the QR image (CSS display rules of nav and #qr once beat their hidden attribute).
 	run("open", chromedp.Navigate(b.ts.URL+"/admin/"), chromedp.WaitVisible(chromedp.CSS("#admin-token")))
+	noHiddenShown("before sign-in")
+	for _, sel := range []string{"#tabs", "#signout", `#tabs [data-tab=events]`, "#users", "#user-table", "#events", "#event-table", "#qr", "#as-user"} {
+		if got := eval(shown(sel)); got != "false" {
+			t.Errorf("before sign-in, %s is shown", sel)
+		}
+	}
+	if got := eval(`[getComputedStyle(document.querySelector('#tabs')).display, getComputedStyle(document.querySelector('#qr')).display,
+		document.querySelector('#tabs').offsetParent, document.querySelector('#qr').offsetParent]`); got != `["none","none",null,null]` {
+		t.Errorf("before sign-in, nav and QR display, offsetParent: %s", got)
+	}
 	run("wrong token", chromedp.SendKeys(chromedp.CSS("#admin-token"), "nope"), chromedp.SendKeys(chromedp.CSS("#admin-token"), "\r"),
 		chromedp.WaitVisible(chromedp.CSS("#signin-error")))
 	if got := text("#signin-error"); got != "Wrong admin token." {
 		t.Errorf("wrong token message: %q", got)
 	}
+	if got := eval(shown("#tabs")); got != "false" {
+		t.Error("the nav shows after a wrong token")
+	}
 	run("sign in", chromedp.SetValue(chromedp.CSS("#admin-token"), "letmein"), chromedp.SendKeys(chromedp.CSS("#admin-token"), "\r"),
-		chromedp.WaitVisible(chromedp.CSS("#user-table")))
+		chromedp.WaitVisible(chromedp.CSS("#user-table")), chromedp.WaitVisible(chromedp.CSS("#tabs")))
+	noHiddenShown("signed in")
+	if got := eval(shown("#signin")); got != "false" {
+		t.Error("the sign-in form shows once signed in")
+	}
 
 	// Create a user: invalid JSON data is flagged inline before anything is sent.
 	run("new user", chromedp.Click(chromedp.CSS("#new-user")), chromedp.WaitVisible(chromedp.CSS("#f-username")),
@@ -119,9 +192,14 @@ func TestConsole(t *testing.T) {
 		t.Fatalf("carol as stored: %+v %v", u, err)
 	}
 
-	// Open carol, show her QR, create a reset code, revoke her.
-	run("open carol", chromedp.Click(chromedp.CSS(`#user-table tr[data-username="carol"]`)), chromedp.WaitVisible(chromedp.CSS("#show-qr")),
-		chromedp.Click(chromedp.CSS("#show-qr")), chromedp.WaitVisible(chromedp.CSS("#qr")))
+	// Open carol: her two-factor tools show, but no QR image (no broken-image box) until it
+	// is asked for. Show her QR, create a reset code, revoke her.
+	run("open carol", chromedp.Click(chromedp.CSS(`#user-table tr[data-username="carol"]`)), chromedp.WaitVisible(chromedp.CSS("#show-qr")))
+	noHiddenShown("carol open")
+	if got := eval(`[` + shown("#two-factor-tools") + `, ` + shown("#qr") + `, getComputedStyle(document.querySelector('#qr')).display]`); got != `[true,false,"none"]` {
+		t.Errorf("before the QR is asked for: two-factor tools shown, QR shown, QR display = %s; want [true,false,\"none\"]", got)
+	}
+	run("show QR", chromedp.Click(chromedp.CSS("#show-qr")), chromedp.WaitVisible(chromedp.CSS("#qr")))
 	poll("QR rendered", `document.querySelector('#qr').src.startsWith('data:image/png;base64,') && document.querySelector('#qr').naturalWidth > 100`)
 	run("reset code", chromedp.Click(chromedp.CSS("#create-code")), chromedp.WaitVisible(chromedp.CSS("#reset-code")))
 	poll("reset code shown", `/^\d{6} — valid \d:\d\d more$/.test(document.querySelector('#reset-code').textContent)`)
@@ -132,24 +210,154 @@ func TestConsole(t *testing.T) {
 	run("close", chromedp.Click(chromedp.CSS("#cancel-user")), chromedp.WaitVisible(chromedp.CSS(`#user-table tr[data-username="frank"]`)))
 	shot1 := screenshot(t, ctx)
 
-	// Watch dave's tenant and insert from the page.
-	b.insert(b.login("dave"), "greeting", map[string]string{"text": "earlier"})
-	run("events tab", chromedp.Click(chromedp.CSS(`#tabs [data-tab=events]`)), chromedp.WaitVisible(chromedp.CSS("#w-username")),
-		chromedp.SendKeys(chromedp.CSS("#w-username"), "dave"), chromedp.SendKeys(chromedp.CSS("#w-password"), "pw-dave"),
-		chromedp.SendKeys(chromedp.CSS("#w-username"), "\r"), chromedp.WaitVisible(chromedp.CSS(`#event-table tr[data-event="greeting"]`)))
-	run("insert", chromedp.SendKeys(chromedp.CSS("#i-event"), "news"), chromedp.SendKeys(chromedp.CSS("#i-data"), `{"title": "héllo"}`),
-		chromedp.SendKeys(chromedp.CSS("#i-event"), "\r"), chromedp.WaitVisible(chromedp.CSS(`#event-table tr[data-event="news"]`)))
-	if got := text(`#event-table tr[data-event="news"] td.data`); got != `{"title":"héllo"}` {
-		t.Errorf("news row data %q", got)
+	// Events: the admin picks a tenant among those of the users and watches its stream with
+	// the admin token alone; the events are inserted by users through the HTTP API.
+	jd, je := b.login("dave"), b.login("erin")
+	b.insert(jd, "greeting", map[string]string{"text": "earlier"})
+	b.insert(je, "other", "globex's")
+	run("events tab", chromedp.Click(chromedp.CSS(`#tabs [data-tab=events]`)), chromedp.WaitVisible(chromedp.CSS("#w-tenant")))
+	poll("tenants offered", `[...document.querySelectorAll('#tenant-list option')].map((o) => o.value).join() === 'acme,globex'`,
+		`document.querySelector('#tenant-list').innerHTML`)
+	noHiddenShown("events tab")
+	if got := eval(`[` + shown("#live") + `, ` + shown("#stop-watch") + `, ` + shown("#u-username") + `]`); got != "[false,false,false]" {
+		t.Errorf("events tab before watching: live, stop, user form shown = %s; want all false", got)
 	}
-	b.insert(b.login("dave"), "news", map[string]string{"title": "again"})
+	run("watch acme", chromedp.SetValue(chromedp.CSS("#w-tenant"), "acme"), chromedp.Click(chromedp.CSS(`#watch-form button[type=submit]`)),
+		chromedp.WaitVisible(chromedp.CSS(`#event-table tr[data-event="greeting"]`)))
+	poll("live", `document.querySelector('#stream-status').textContent === 'Live: events of tenant acme.'`, `document.querySelector('#stream-status').textContent`)
+	waitFor(t, 10*time.Second, "one admin stream", func() bool { return b.openStreams("") == 1 })
+	// No user signed in and no user's credential stored. (The admin token was not in the
+	// URL: the server refuses it there.)
+	if got := eval(`[Object.keys(sessionStorage), localStorage.length, document.cookie, ` + shown("#as-user-on") + `, location.pathname + location.search]`); got != `[["adminToken"],0,"",false,"/admin/"]` {
+		t.Errorf("storage, cookies, user signed in, page address: %s", got)
+	}
+	b.insert(jd, "news", map[string]string{"title": "first"})
+	run("live event", chromedp.WaitVisible(chromedp.CSS(`#event-table tr[data-event="news"]`)))
+	b.insert(jd, "news", map[string]string{"title": "again"})
 	poll("updated in place", `document.querySelectorAll('#event-table tr[data-event="news"]').length === 1 &&
 		document.querySelector('#event-table tbody tr').dataset.event === 'news' &&
-		document.querySelector('#event-table tr[data-event="news"] td.data').textContent.includes('again')`)
+		document.querySelector('#event-table tr[data-event="news"] td.data').textContent === '{"title":"again"}'`)
+
+	// The largest event the server accepts (a 700 KB one is refused, 413) shows as one line,
+	// its beginning; the whole is one click away, in a box of bounded height.
+	big := strings.Repeat("x", maxEventData-2) // as JSON: maxEventData bytes
+	b.insert(jd, "big", big)
+	run("big event", chromedp.WaitVisible(chromedp.CSS(`#event-table tr[data-event="big"] details.long summary`)))
+	poll("big event shortened", rowHeight("big")+` < 60 && document.querySelector('#event-table tr[data-event="big"] summary').textContent.length < 300 &&
+		!document.querySelector('#event-table tr[data-event="big"] details').open && `+oneLine(`#event-table td.received`),
+		rowHeight("big"), `document.querySelector('#event-table tr[data-event="big"] summary').textContent.length`)
+	if got, want := js[string](t, ctx, `document.querySelector('#event-table tr[data-event="big"] summary').textContent`),
+		`65,536 characters "`+strings.Repeat("x", 199)+`…`; got != want {
+		t.Errorf("big event summary: %q; want %q", got, want)
+	}
+	if got := js[float64](t, ctx, `document.documentElement.scrollHeight`); got > 760 {
+		t.Errorf("page height with a big event: %v px; want the window's", got)
+	}
+	// The same on a phone's width: still one line per row, the time of reception unwrapped.
+	size := js[[]int64](t, ctx, `[innerWidth, innerHeight]`)
+	run("narrow", chromedp.EmulateViewport(390, 760))
+	poll("narrow: big event shortened", `innerWidth === 390 && `+rowHeight("big")+` < 60 && `+oneLine(`#event-table td.received`), rowHeight("big"))
+	run("wide", chromedp.EmulateViewport(size[0], size[1])) // as before (ResetViewport keeps 390)
+	poll("wide again", fmt.Sprintf(`innerWidth === %d`, size[0]), `innerWidth`)
+	poll("highlights over", `document.getAnimations().length === 0`) // for the screenshot
 	shot2 := screenshot(t, ctx)
+
+	run("expand", chromedp.Click(chromedp.CSS(`#event-table tr[data-event="big"] summary`)),
+		chromedp.WaitVisible(chromedp.CSS(`#event-table tr[data-event="big"] pre.full`)))
+	full := `document.querySelector('#event-table tr[data-event="big"] pre.full')`
+	poll("big event whole", fmt.Sprintf(`%s.textContent === '"' + 'x'.repeat(%d) + '"' && %s.clientHeight > 100 && %s.clientHeight <= 320 &&
+		%s.scrollHeight > 10 * %s.clientHeight && %s < 420`, full, maxEventData-2, full, full, full, full, rowHeight("big")),
+		full+`.clientHeight`, full+`.scrollHeight`, rowHeight("big"))
+	// A newer event of the name replaces the data and stays open.
+	b.insert(jd, "big", strings.Repeat("y", maxEventData-2))
+	poll("big event updated open", fmt.Sprintf(`document.querySelector('#event-table tr[data-event="big"] details').open &&
+		%s.textContent === '"' + 'y'.repeat(%d) + '"'`, full, maxEventData-2))
+	run("collapse", chromedp.Click(chromedp.CSS(`#event-table tr[data-event="big"] summary`)))
+	poll("big event collapsed", rowHeight("big")+` < 60`, rowHeight("big"))
+
+	// Event data is text, never HTML.
+	b.insert(jd, "html", `<img src=x onerror="document.title='owned'">`)
+	run("html event", chromedp.WaitVisible(chromedp.CSS(`#event-table tr[data-event="html"]`)))
+	if got, want := js[string](t, ctx, `document.querySelector('#event-table tr[data-event="html"] td.data').textContent`),
+		`"<img src=x onerror=\"document.title='owned'\">"`; got != want {
+		t.Errorf("html event shown as %q; want %q", got, want)
+	}
+	if got := eval(`[document.querySelectorAll('#event-table img').length, document.title]`); got != `[0,"broker console"]` {
+		t.Errorf("html event: images, title: %s", got)
+	}
+
+	// When the stream ends the page reconnects with Last-Event-ID: it gets the event
+	// inserted meanwhile, and not the latest of every name again (the greeting row it is
+	// made to forget stays away).
+	eval(`document.querySelector('#event-table tr[data-event="greeting"]').remove()`)
+	for _, s := range b.s.hub.all() {
+		if s.user == "" {
+			s.end()
+		}
+	}
+	b.insert(jd, "during", "the gap")
+	run("resumed", chromedp.WaitVisible(chromedp.CSS(`#event-table tr[data-event="during"]`)))
+	poll("resumed live", `document.querySelector('#stream-status').textContent === 'Live: events of tenant acme.' &&
+		!document.querySelector('#event-table tr[data-event="greeting"]')`)
+	if got := eval(`[...document.querySelectorAll('#event-table tbody tr')].map((r) => r.dataset.event + '#' + r.cells[1].textContent)`); got != `["during#7","html#6","big#5","news#3"]` {
+		t.Errorf("rows after resuming: %s", got)
+	}
+
+	// Inserting is a user's act: the separate box signs in as one, without storing the JWT.
+	run("as user", chromedp.Click(chromedp.CSS("#as-user summary")), chromedp.WaitVisible(chromedp.CSS("#u-username")),
+		chromedp.SendKeys(chromedp.CSS("#u-username"), "dave"), chromedp.SendKeys(chromedp.CSS("#u-password"), "pw-dave"),
+		chromedp.Click(chromedp.CSS(`#as-user-form button[type=submit]`)), chromedp.WaitVisible(chromedp.CSS("#i-event")))
+	if got := text("#as-user-status"); got != "Inserting as dave, into tenant acme." {
+		t.Errorf("as user: %q", got)
+	}
+	run("insert", chromedp.SendKeys(chromedp.CSS("#i-event"), "news"), chromedp.SendKeys(chromedp.CSS("#i-data"), `{"title": "héllo"}`),
+		chromedp.SendKeys(chromedp.CSS("#i-event"), "\r"))
+	poll("inserted", `document.querySelector('#event-table tbody tr').dataset.event === 'news' &&
+		document.querySelector('#event-table tr[data-event="news"] td.data').textContent === '{"title":"héllo"}'`)
+	if got := eval(`[Object.keys(sessionStorage), localStorage.length, document.cookie]`); got != `[["adminToken"],0,""]` {
+		t.Errorf("storage after signing in as a user: %s", got)
+	}
+
+	// Another tenant: its own events only, and a warning that dave's inserts go elsewhere.
+	run("watch globex", chromedp.SetValue(chromedp.CSS("#w-tenant"), "globex"), chromedp.Click(chromedp.CSS(`#watch-form button[type=submit]`)),
+		chromedp.WaitVisible(chromedp.CSS(`#event-table tr[data-event="other"]`)), chromedp.WaitVisible(chromedp.CSS("#as-user-warning")))
+	if got := eval(`[...document.querySelectorAll('#event-table tbody tr')].map((r) => r.dataset.event)`); got != `["other"]` {
+		t.Errorf("globex rows: %s", got)
+	}
+	waitFor(t, 10*time.Second, "the acme stream closed", func() bool { return b.openStreams("") == 1 })
+	run("stop", chromedp.Click(chromedp.CSS("#stop-watch")), chromedp.WaitNotVisible(chromedp.CSS("#live")))
+	waitFor(t, 10*time.Second, "no admin stream", func() bool { return b.openStreams("") == 0 })
+
+	// Signing out hides everything again and forgets the user's token.
+	run("sign out", chromedp.Click(chromedp.CSS("#signout")), chromedp.WaitVisible(chromedp.CSS("#admin-token")))
+	noHiddenShown("signed out")
+	for _, sel := range []string{"#tabs", "#users", "#events", "#qr"} {
+		if got := eval(shown(sel)); got != "false" {
+			t.Errorf("after sign-out, %s is shown", sel)
+		}
+	}
+	if got := eval(`[Object.keys(sessionStorage), document.querySelectorAll('#event-table tbody tr').length, ` + shown("#as-user-on") + `]`); got != `[[],0,false]` {
+		t.Errorf("after sign-out: storage, event rows, user signed in: %s", got)
+	}
+	stopConsole()
+	if errs := <-pageErrors; len(errs) > 0 {
+		t.Errorf("the page's console:\n%s", strings.Join(errs, "\n"))
+	}
 	if os.Getenv("BROKER_SCREENSHOT") != "" {
 		os.WriteFile("web/screenshot.png", stack(t, shot1, shot2), 0o644)
 	}
+}
+
+// js evaluates expr in the page and decodes its value into T.
+func js[T any](t *testing.T, ctx context.Context, expr string) T {
+	t.Helper()
+	sctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	v, err := chromedp.Run(sctx, chromedp.Evaluate[T](expr))
+	if err != nil {
+		t.Fatalf("evaluate %s: %v", expr, err)
+	}
+	return v
 }
 
 func screenshot(t *testing.T, ctx context.Context) image.Image {

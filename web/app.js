@@ -56,12 +56,20 @@ $('#signin-form').addEventListener('submit', async (e) => {
 $('#signout').addEventListener('click', () => {
   sessionStorage.removeItem('adminToken');
   stopWatching();
+  signOutUser();
+  for (const id of ['#w-tenant', '#u-username', '#i-event', '#i-data']) $(id).value = '';
+  for (const id of ['#watch-error', '#insert-error']) $(id).textContent = '';
+  $('#event-table tbody').replaceChildren();
+  $('#as-user').open = false;
   showApp(false);
   $('#admin-token').focus();
 });
 
 for (const b of document.querySelectorAll('#tabs [data-tab]')) {
-  b.addEventListener('click', () => showTab(b.dataset.tab));
+  b.addEventListener('click', () => {
+    showTab(b.dataset.tab);
+    if (b.dataset.tab === 'events') openEvents();
+  });
 }
 
 // ---- users ----
@@ -222,52 +230,72 @@ $('#create-code').addEventListener('click', async () => {
 
 // ---- events ----
 
-let watch = null; // { jwt, controller, lastId }
+// The Events tab watches a tenant's stream with the admin token (GET /sse?tenant=NAME,
+// the token in the Authorization header only, never in the URL). Inserting is a user's
+// act, into the user's tenant: the "Insert events as a user" box signs in as one.
 
-$('#watch-form').addEventListener('submit', async (e) => {
+let watch = null; // { tenant, controller, lastId }
+let asUser = null; // { jwt, username, tenant }: a user's JWT, in this page's memory only
+
+// loadTenants fills the tenant field's suggestions with every tenant that has users.
+async function loadTenants() {
+  const all = await admin('/list_users');
+  const tenants = [...new Set(all.map((u) => u.tenant_name))].sort((a, b) => a.localeCompare(b));
+  $('#tenant-list').replaceChildren(...tenants.map((t) => el('option', { value: t })));
+}
+
+function openEvents() {
+  loadTenants().catch((err) => { $('#watch-error').textContent = err.message; });
+  const f = $('#w-tenant');
+  if (!watch && !f.value) f.value = $('#filter-tenant').value.trim();
+  f.focus();
+}
+
+$('#watch-form').addEventListener('submit', (e) => {
   e.preventDefault();
   $('#watch-error').textContent = '';
-  const body = { username: $('#w-username').value.trim(), password: $('#w-password').value };
-  if ($('#w-totp').value.trim()) body.totp = $('#w-totp').value.trim();
-  try {
-    const { jwt } = await api('/login', body);
-    stopWatching();
-    $('#w-password').value = '';
-    $('#w-totp').value = '';
-    $('#event-table tbody').replaceChildren();
-    watch = { jwt, controller: null, lastId: null, user: body.username };
-    $('#live').hidden = false;
-    $('#watch-form').hidden = true;
-    stream(watch);
-    $('#i-event').focus();
-  } catch (err) {
-    $('#watch-error').textContent = err.message;
-  }
+  const tenant = $('#w-tenant').value.trim();
+  if (!tenant) return;
+  stopWatching();
+  $('#event-table tbody').replaceChildren();
+  watch = { tenant, controller: null, lastId: null };
+  $('#live').hidden = false;
+  $('#stop-watch').hidden = false;
+  showAsUser();
+  stream(watch);
 });
 
 function stopWatching() {
   if (watch && watch.controller) watch.controller.abort();
   watch = null;
   $('#live').hidden = true;
-  $('#watch-form').hidden = false;
+  $('#stop-watch').hidden = true;
+  showAsUser();
 }
-$('#stop-watch').addEventListener('click', stopWatching);
+$('#stop-watch').addEventListener('click', () => { stopWatching(); $('#w-tenant').focus(); });
 
-// stream reads the event stream with fetch (EventSource cannot send a JWT), reconnecting
-// from the last ID it saw when the stream ends.
+const setStatus = (text) => { $('#stream-status').textContent = text; };
+
+// stream reads the tenant's event stream with fetch (EventSource cannot send the admin
+// token in a header), reconnecting from the last ID it saw when the stream ends.
 async function stream(w) {
   w.controller = new AbortController();
-  const headers = { Authorization: 'Bearer ' + w.jwt };
+  const headers = { Authorization: 'Bearer ' + token() };
   if (w.lastId) headers['Last-Event-ID'] = w.lastId;
-  $('#stream-status').textContent = `Connecting as ${w.user}…`;
+  let retry = 2;
+  setStatus(`Connecting to tenant ${w.tenant}…`);
   try {
-    const resp = await fetch('/sse', { headers, signal: w.controller.signal });
+    const resp = await fetch('/sse?tenant=' + encodeURIComponent(w.tenant), { headers, signal: w.controller.signal });
     if (!resp.ok) {
       const out = await resp.json().catch(() => ({}));
-      $('#stream-status').textContent = 'Stream refused: ' + (out.error || resp.status);
-      return;
+      if (resp.status !== 429 && resp.status !== 503) {
+        setStatus('Stream refused: ' + (out.error || resp.status) + (resp.status === 401 ? '. Sign out and in again.' : ''));
+        return;
+      }
+      retry = Math.max(1, Number(resp.headers.get('Retry-After')) || retry);
+      throw new Error(out.error || 'busy');
     }
-    $('#stream-status').textContent = `Live: events of ${w.user}'s tenant.`;
+    setStatus(`Live: events of tenant ${w.tenant}.`);
     const reader = resp.body.pipeThrough(new TextDecoderStream()).getReader();
     let buf = '';
     for (;;) {
@@ -279,20 +307,38 @@ async function stream(w) {
         const frame = buf.slice(0, end);
         buf = buf.slice(end + 2);
         const ev = {};
-        for (const line of frame.split('\n')) {
+        for (const line of frame.split('\n')) { // a keep-alive ":" line has no field name
           const i = line.indexOf(':');
           if (i > 0) ev[line.slice(0, i)] = line.slice(i + 1);
         }
-        if (ev.event) { w.lastId = ev.id; showEvent(ev); }
+        if (ev.event && watch === w) { w.lastId = ev.id; showEvent(ev); }
       }
     }
   } catch (err) {
     if (err.name === 'AbortError') return;
   }
   if (watch === w) {
-    $('#stream-status').textContent = 'Disconnected; reconnecting…';
-    setTimeout(() => { if (watch === w) stream(w); }, 2000);
+    setStatus(`Disconnected from tenant ${w.tenant}; reconnecting…`);
+    setTimeout(() => { if (watch === w) stream(w); }, retry * 1000);
   }
+}
+
+// Data longer than this is shown cut to its beginning, with the whole a click away.
+const SHORT = 200;
+
+// dataCell fills td with the event's data, as text only: event data comes from users.
+function dataCell(td, data) {
+  if (data.length <= SHORT) {
+    td.textContent = data;
+    return;
+  }
+  const wasOpen = !!td.querySelector('details[open]');
+  let head = data.slice(0, SHORT);
+  if (/[\uD800-\uDBFF]$/.test(head)) head = head.slice(0, -1); // no half of a surrogate pair
+  const details = el('details', { className: 'long', open: wasOpen },
+    el('summary', {}, el('span', { className: 'size' }, `${data.length.toLocaleString()} characters`), ' ', head + '…'),
+    el('pre', { className: 'full', tabIndex: 0 }, data));
+  td.replaceChildren(details);
 }
 
 // showEvent keeps one row per event name, newest first, updated in place.
@@ -300,20 +346,69 @@ function showEvent(ev) {
   const tbody = $('#event-table tbody');
   let tr = [...tbody.rows].find((r) => r.dataset.event === ev.event);
   if (!tr) {
-    tr = el('tr', {}, el('td'), el('td'), el('td', { className: 'data' }), el('td'));
+    tr = el('tr', {}, el('td', { className: 'name' }), el('td', { className: 'id' }),
+      el('td', { className: 'data' }), el('td', { className: 'received' }));
     tr.dataset.event = ev.event;
   }
   let data = ev.data;
   try { data = JSON.stringify(JSON.parse(ev.data)); } catch (_) { /* shown as sent */ }
   tr.cells[0].textContent = ev.event;
   tr.cells[1].textContent = ev.id;
-  tr.cells[2].textContent = data;
+  dataCell(tr.cells[2], data);
   tr.cells[3].textContent = new Date().toLocaleTimeString();
   tbody.prepend(tr);
   tr.classList.remove('flash');
   void tr.offsetWidth; // restart the highlight
   tr.classList.add('flash');
 }
+
+// ---- inserting as a user ----
+
+// claims reads a JWT's payload (for display only: the server checks the token).
+function claims(jwt) {
+  try {
+    const b64 = jwt.split('.')[1].replace(/-/g, '+').replace(/_/g, '/');
+    return JSON.parse(new TextDecoder().decode(Uint8Array.from(atob(b64), (c) => c.charCodeAt(0))));
+  } catch (_) {
+    return {};
+  }
+}
+
+function showAsUser() {
+  $('#as-user-form').hidden = !!asUser;
+  $('#as-user-on').hidden = !asUser;
+  if (!asUser) return;
+  $('#as-user-status').textContent = `Inserting as ${asUser.username}, into tenant ${asUser.tenant}.`;
+  $('#as-user-warning').textContent = watch && watch.tenant !== asUser.tenant
+    ? `You are watching tenant ${watch.tenant}: events of ${asUser.username} go to tenant ${asUser.tenant}.`
+    : '';
+}
+
+function signOutUser() {
+  asUser = null;
+  $('#u-password').value = '';
+  $('#u-totp').value = '';
+  showAsUser();
+}
+
+$('#as-user-form').addEventListener('submit', async (e) => {
+  e.preventDefault();
+  $('#insert-error').textContent = '';
+  const body = { username: $('#u-username').value.trim(), password: $('#u-password').value };
+  if ($('#u-totp').value.trim()) body.totp = $('#u-totp').value.trim();
+  try {
+    const { jwt } = await api('/login', body);
+    asUser = { jwt, username: body.username, tenant: claims(jwt).tenant || '?' };
+    $('#u-password').value = '';
+    $('#u-totp').value = '';
+    showAsUser();
+    $('#i-event').focus();
+  } catch (err) {
+    $('#insert-error').textContent = err.message;
+  }
+});
+
+$('#as-user-off').addEventListener('click', () => { signOutUser(); $('#u-username').focus(); });
 
 $('#insert-form').addEventListener('submit', async (e) => {
   e.preventDefault();
@@ -324,8 +419,9 @@ $('#insert-form').addEventListener('submit', async (e) => {
     return;
   }
   try {
-    await api('/insert', { event: $('#i-event').value.trim(), data }, { Authorization: 'Bearer ' + watch.jwt });
+    await api('/insert', { event: $('#i-event').value.trim(), data }, { Authorization: 'Bearer ' + asUser.jwt });
   } catch (err) {
+    if (err.status === 401) signOutUser(); // expired, revoked, new password: sign in again
     $('#insert-error').textContent = err.message;
   }
 });
