@@ -2,7 +2,6 @@ package main
 
 import (
 	"bytes"
-	"context"
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/base64"
@@ -483,41 +482,15 @@ func TestSecretsAndHost(t *testing.T) {
 		{"own secrets, --host 127.0.0.2", []string{"--jwt_secret", long, "--admin_token", token, "--host", "127.0.0.2"}, "127.0.0.2"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
-			port := fmt.Sprint(freePort(t))
-			ctx, cancel := context.WithCancel(context.Background())
-			done, logs := make(chan error, 1), &syncBuffer{}
-			go func() {
-				done <- run(ctx, append([]string{"--ntp_server=", "--db", t.TempDir(), "--port", port}, c.args...), noEnv, io.Discard, logs)
-			}()
+			b := startBroker(t, append([]string{"--port", "0"}, c.args...)...)
 			defer func() {
-				cancel()
-				select {
-				case err := <-done:
-					if err != nil {
-						t.Errorf("run: %v", err)
-					}
-				case <-time.After(20 * time.Second):
-					t.Error("broker did not stop within 20 s")
+				if err := b.stop(t); err != nil {
+					t.Errorf("run: %v", err)
 				}
 			}()
-			line, deadline := "", time.After(10*time.Second)
-			for line == "" {
-				for l := range strings.Lines(logs.String()) {
-					if strings.Contains(l, `msg="broker listening"`) {
-						line = l
-					}
-				}
-				select {
-				case err := <-done:
-					done <- err
-					t.Fatalf("run ended before listening: %v\n%s", err, logs)
-				case <-deadline:
-					t.Fatalf("no \"broker listening\" in the log within 10 s: %s", logs)
-				case <-time.After(10 * time.Millisecond): // polling the log
-				}
-			}
-			if want := "addr=" + net.JoinHostPort(c.addr, port) + " "; !strings.Contains(line, want) {
-				t.Errorf("got log line %q; want it to contain %q", line, want)
+			port := portOf(b.addr) // the kernel's choice; the host is checked
+			if want := "addr=" + net.JoinHostPort(c.addr, port) + " "; !strings.Contains(b.line, want) {
+				t.Errorf("got log line %q; want it to contain %q", b.line, want)
 			}
 			if a := send(client, "GET", "http://"+net.JoinHostPort(c.addr, port)+"/", nil); a.code != 200 {
 				t.Errorf("GET / on %s: got %d %v; want 200", c.addr, a.code, a.err)
@@ -531,17 +504,15 @@ func TestSecretsAndHost(t *testing.T) {
 func TestSecureHeaders(t *testing.T) {
 	dir := t.TempDir()
 	certPath, keyPath := writeCert(t, dir, time.Now().Add(-time.Hour), time.Now().Add(24*time.Hour))
-	httpsPort, httpPort := freePort(t), freePort(t)
-	startRun(t, "--secure", "--auto_cert=false", "--jwt_secret=0123456789abcdef0123456789abcdef", "--admin_token=admin-0123456789",
-		"--cert_path", certPath, "--key_path", keyPath, "--https_port", fmt.Sprint(httpsPort), "--http_port", fmt.Sprint(httpPort))
+	b := startSecure(t, certPath, keyPath)
+	httpsPort, httpPort := portOf(b.https), portOf(b.http)
 	pool := x509.NewCertPool()
 	pem, _ := os.ReadFile(certPath)
 	pool.AppendCertsFromPEM(pem)
 	tr := &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}}
 	t.Cleanup(tr.CloseIdleConnections)
 	client := &http.Client{Transport: tr, Timeout: 20 * time.Second}
-	base := fmt.Sprintf("https://localhost:%d", httpsPort)
-	waitUp(t, client, base+"/")
+	base := "https://localhost:" + httpsPort
 
 	check := func(method, path string, body any, status int) *http.Response {
 		t.Helper()
@@ -577,12 +548,12 @@ func TestSecureHeaders(t *testing.T) {
 	plain := &http.Transport{}
 	t.Cleanup(plain.CloseIdleConnections)
 	for host, want := range map[string]string{
-		"[::1]":        fmt.Sprintf("https://[::1]:%d/list_users?x=1", httpsPort),
-		"[::1]:80":     fmt.Sprintf("https://[::1]:%d/list_users?x=1", httpsPort),
-		"localhost":    fmt.Sprintf("https://localhost:%d/list_users?x=1", httpsPort),
-		"127.0.0.1:80": fmt.Sprintf("https://127.0.0.1:%d/list_users?x=1", httpsPort),
+		"[::1]":        "https://[::1]:" + httpsPort + "/list_users?x=1",
+		"[::1]:80":     "https://[::1]:" + httpsPort + "/list_users?x=1",
+		"localhost":    "https://localhost:" + httpsPort + "/list_users?x=1",
+		"127.0.0.1:80": "https://127.0.0.1:" + httpsPort + "/list_users?x=1",
 	} {
-		req, _ := http.NewRequest("GET", fmt.Sprintf("http://127.0.0.1:%d/list_users?x=1", httpPort), nil)
+		req, _ := http.NewRequest("GET", "http://127.0.0.1:"+httpPort+"/list_users?x=1", nil)
 		req.Host = host
 		resp, err := plain.RoundTrip(req)
 		if err != nil {

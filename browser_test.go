@@ -82,19 +82,9 @@ func TestHTTP2StreamStaysUp(t *testing.T) {
 // reconnects by itself with Last-Event-ID and misses nothing, twice nothing.
 func TestEventSourceResumesAcrossRestart(t *testing.T) {
 	ctx := browser(t)
-	db, port := t.TempDir(), freePort(t)
-	base := fmt.Sprintf("http://127.0.0.1:%d", port)
-	start := func() (context.CancelFunc, chan error) {
-		ctx, cancel := context.WithCancel(context.Background())
-		done := make(chan error, 1)
-		go func() {
-			done <- run(ctx, []string{"--ntp_server=", "--db", db, "--port", fmt.Sprint(port)}, noEnv, io.Discard, io.Discard)
-		}()
-		waitUp(t, http.DefaultClient, base+"/")
-		return cancel, done
-	}
-	stop, done := start()
-	defer func() { stop(); <-done }()
+	db := t.TempDir()
+	b := startBroker(t, "--db", db, "--port", "0")
+	base, port := "http://"+b.addr, portOf(b.addr)
 	postJSON(t, base+"/create_user", `{"username":"eve","password":"pw","admin_token":"letmein","tenant_name":"t"}`)
 	jwt := postJSON(t, base+"/login", `{"username":"eve","password":"pw"}`)["jwt"].(string)
 	insert := func(n int) {
@@ -137,11 +127,12 @@ func TestEventSourceResumesAcrossRestart(t *testing.T) {
 	wantGot("1=1")
 	insert(2)
 	wantGot("1=1 2=2")
-	stop()
-	if err := <-done; err != nil {
+	if err := b.stop(t); err != nil {
 		t.Fatalf("stop: %v", err)
 	}
-	stop, done = start()
+	// On the same port, which the page's EventSource reconnects to: again while another
+	// socket holds it for a moment.
+	b = startBrokerRetry(t, func() []string { return []string{"--db", db, "--port", port} })
 	insert(3) // while the page is away: it comes with the resume
 	wantGot("1=1 2=2 3=3")
 	insert(4)

@@ -111,19 +111,16 @@ func postJSON(t *testing.T, url, body string) map[string]any {
 // restarts it on the same folder, and checks that every insert answered 200 is there with
 // its data, that the IDs have no gaps, and that bbolt finds the file consistent.
 func TestCrashKeepsAcknowledgedInserts(t *testing.T) {
-	bin, dir, port := buildBroker(t), t.TempDir(), freePort(t)
-	base := fmt.Sprintf("http://127.0.0.1:%d", port)
-	start := func() *exec.Cmd {
-		cmd := exec.Command(bin, "--port", fmt.Sprint(port), "--db", dir, "--ntp_server=")
-		if err := cmd.Start(); err != nil {
-			t.Fatal(err)
-		}
-		waitUp(t, http.DefaultClient, base+"/")
-		return cmd
+	bin, dir := buildBroker(t), t.TempDir()
+	start := func() (*brokerProc, string) {
+		p := startBin(t, bin, nil, nil, "--port", "0", "--db", dir, "--ntp_server=")
+		return p, "http://" + p.addr
 	}
-	cmd := start()
+	p, base := start()
 	// A second process on the same folder fails at once with a clear message.
-	out, err := exec.Command(bin, "--port", fmt.Sprint(freePort(t)), "--db", dir, "--ntp_server=").CombinedOutput()
+	ctx, cancel := context.WithTimeout(context.Background(), startTimeout) // ends it if it starts after all
+	defer cancel()
+	out, err := exec.CommandContext(ctx, bin, "--port", "0", "--db", dir, "--ntp_server=").CombinedOutput()
 	if err == nil || !strings.Contains(string(out), "another broker process") {
 		t.Errorf("second process: %v %s", err, out)
 	}
@@ -136,15 +133,15 @@ func TestCrashKeepsAcknowledgedInserts(t *testing.T) {
 			t.Fatal("fewer than 500 inserts in 30 s")
 		}
 	}
-	cmd.Process.Kill() // SIGKILL, mid-stream
-	cmd.Wait()
+	p.kill() // SIGKILL, mid-stream
 	close(stop)
 	wg.Wait()
 	want := a.copy()
 	checkDB(t, dir)
 
-	cmd = start()
-	defer func() { cmd.Process.Kill(); cmd.Wait() }()
+	// On a port of the kernel's choice again: the clients stopped with the broker.
+	p, base = start()
+	defer p.kill()
 	jwt = postJSON(t, base+"/login", `{"username":"w","password":"pw"}`)["jwt"].(string)
 	s := openStream(t, base+"/sse", http.DefaultClient, bearer(jwt)...)
 	s.resp.Body.Close()
@@ -310,23 +307,18 @@ func TestHostileInput(t *testing.T) {
 // TestGracefulShutdown: cancelling run's context (SIGINT/SIGTERM in main) ends open streams
 // cleanly, lets run return without error, and releases the database.
 func TestGracefulShutdown(t *testing.T) {
-	port, db := freePort(t), t.TempDir()
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() {
-		done <- run(ctx, []string{"--ntp_server=", "--db", db, "--port", fmt.Sprint(port)}, noEnv, io.Discard, io.Discard)
-	}()
-	base := fmt.Sprintf("http://127.0.0.1:%d", port)
-	waitUp(t, http.DefaultClient, base+"/")
+	db := t.TempDir()
+	b := startBroker(t, "--db", db, "--port", "0")
+	base := "http://" + b.addr
 	postJSON(t, base+"/create_user", `{"username":"w","password":"pw","admin_token":"letmein","tenant_name":"t"}`)
 	jwt := postJSON(t, base+"/login", `{"username":"w","password":"pw"}`)["jwt"].(string)
 	s := openStream(t, base+"/sse", http.DefaultClient, bearer(jwt)...)
-	cancel()
+	b.cancel()
 	s.ended()
 	select {
-	case err := <-done:
-		if err != nil {
-			t.Errorf("run after shutdown: %v", err)
+	case <-b.done:
+		if b.err != nil {
+			t.Errorf("run after shutdown: %v", b.err)
 		}
 	case <-time.After(15 * time.Second):
 		t.Fatal("run did not return within 15 s of the signal")
@@ -370,6 +362,18 @@ func fakeNTP(t *testing.T, offset time.Duration) string {
 	return conn.LocalAddr().String()
 }
 
+// closedUDPPort returns a loopback address where no UDP socket was a moment ago: a
+// request there is refused.
+func closedUDPPort(t *testing.T) string {
+	t.Helper()
+	conn, err := net.ListenPacket("udp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	return conn.LocalAddr().String()
+}
+
 // TestNTPClock: JWTs are issued and checked on the NTP-corrected clock; without an answer
 // from NTP, or with an implausible one (a spoofed +48 h), the broker keeps working on its
 // own clock.
@@ -382,18 +386,11 @@ func TestNTPClock(t *testing.T) {
 	}{
 		{"four minutes ahead", fakeNTP(t, 4*time.Minute), 4 * time.Minute, ""},
 		{"two days ahead", fakeNTP(t, 48*time.Hour), 0, "refused"},
-		{"unreachable", fmt.Sprintf("127.0.0.1:%d", freePort(t)), 0, ""},
+		{"unreachable", closedUDPPort(t), 0, ""},
 	} {
 		t.Run(c.name, func(t *testing.T) {
-			port := freePort(t)
-			ctx, cancel := context.WithCancel(context.Background())
-			done, logs := make(chan error, 1), &syncBuffer{}
-			go func() {
-				done <- run(ctx, []string{"--ntp_server", c.server, "--db", t.TempDir(), "--port", fmt.Sprint(port)}, noEnv, io.Discard, logs)
-			}()
-			defer func() { cancel(); <-done }()
-			base := fmt.Sprintf("http://127.0.0.1:%d", port)
-			waitUp(t, http.DefaultClient, base+"/")
+			b := startBroker(t, "--ntp_server", c.server, "--port", "0")
+			base, logs := "http://"+b.addr, b.log
 			for deadline := time.Now().Add(10 * time.Second); !strings.Contains(logs.String(), c.log); {
 				if time.Now().After(deadline) {
 					t.Fatalf("log without %q: %s", c.log, logs)

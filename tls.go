@@ -65,9 +65,10 @@ func (c *certFiles) get(*tls.ClientHelloInfo) (*tls.Certificate, error) {
 // serveTLS serves srv over HTTPS on --https_port (HTTP/2 or HTTP/1.1, TLS 1.2 at least)
 // and, on --http_port, the ACME HTTP-01 challenge and a redirect of everything else.
 func (s *server) serveTLS(srv *http.Server, errc chan<- error) error {
+	httpsPort := s.cfg.httpsPort // the port listened on, once known (--https_port 0 lets the kernel choose)
 	var plain http.Handler = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		// To --domain when it is set: never to a name the client chose.
-		host := net.JoinHostPort(cmp.Or(s.cfg.domain, (&url.URL{Host: r.Host}).Hostname()), strconv.Itoa(s.cfg.httpsPort))
+		host := net.JoinHostPort(cmp.Or(s.cfg.domain, (&url.URL{Host: r.Host}).Hostname()), strconv.Itoa(httpsPort))
 		host = strings.TrimSuffix(host, ":443") // the default port goes unsaid; an IPv6 address keeps its brackets
 		http.Redirect(w, r, (&url.URL{Scheme: "https", Host: host, Path: r.URL.Path, RawQuery: r.URL.RawQuery}).String(), http.StatusMovedPermanently)
 	})
@@ -91,6 +92,7 @@ func (s *server) serveTLS(srv *http.Server, errc chan<- error) error {
 	if err != nil {
 		return err
 	}
+	httpsPort = httpsLn.Addr().(*net.TCPAddr).Port
 	httpLn, err := net.Listen("tcp", net.JoinHostPort(s.cfg.host, strconv.Itoa(s.cfg.httpPort)))
 	if err != nil {
 		return errors.Join(err, httpsLn.Close())
