@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"fmt"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -34,14 +33,14 @@ func (b *lockedBuffer) String() string {
 	return b.buf.String()
 }
 
-// freePort returns a loopback port that was free a moment ago.
-func freePort(t *testing.T) int {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
+// listenAddr is the address in the broker's "broker listening" log line, or "".
+func listenAddr(log string) string {
+	for _, line := range strings.Split(log, "\n") {
+		if _, rest, ok := strings.Cut(line, `msg="broker listening" addr=`); ok {
+			return strings.Fields(rest)[0]
+		}
 	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
+	return ""
 }
 
 // TestBroker builds the broker of this module and runs a small load of each mode against
@@ -64,8 +63,7 @@ func TestBroker(t *testing.T) {
 		t.Fatalf("go build: %v\n%s", err, out)
 	}
 
-	port := freePort(t)
-	broker := exec.CommandContext(ctx, bin, "--ntp_server=", "--port", fmt.Sprint(port),
+	broker := exec.CommandContext(ctx, bin, "--ntp_server=", "--port", "0",
 		"--db", filepath.Join(dir, "db"), "--max_user_streams", "100")
 	for _, kv := range os.Environ() { // the broker's own settings only
 		if !strings.HasPrefix(kv, "BROKER_") {
@@ -92,7 +90,18 @@ func TestBroker(t *testing.T) {
 		}
 	}()
 
-	url := fmt.Sprintf("http://127.0.0.1:%d", port)
+	// The kernel chose the port; the broker names it in its log once it listens.
+	for listenAddr(log.String()) == "" {
+		select {
+		case err := <-exited:
+			exited <- err // for the deferred stop
+			t.Fatalf("the broker exited before listening: %v\n%s", err, log.String())
+		case <-ctx.Done():
+			t.Fatalf("the broker did not listen:\n%s", log.String())
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+	url := "http://" + listenAddr(log.String())
 	pid := fmt.Sprint(broker.Process.Pid)
 	for _, args := range [][]string{
 		{"fanout", "--streams", "50", "--events", "100", "--publishers", "4"},
