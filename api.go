@@ -196,8 +196,7 @@ func decodeJSON(raw []byte, v any) error {
 	if err == nil && dec.Decode(new(json.RawMessage)) != io.EOF {
 		err = errors.New("unexpected data after the JSON object")
 	}
-	var typeErr *json.UnmarshalTypeError
-	if errors.As(err, &typeErr) {
+	if typeErr, ok := errors.AsType[*json.UnmarshalTypeError](err); ok {
 		return fmt.Errorf("%w: wrong JSON type at %q", errInvalid, cmp.Or(typeErr.Field, "the body"))
 	} else if err != nil {
 		return fmt.Errorf("%w: %s", errInvalid, strings.TrimPrefix(err.Error(), "json: "))
@@ -234,8 +233,7 @@ func (s *server) readJSON(w http.ResponseWriter, r *http.Request, signedIn bool,
 	}
 	http.NewResponseController(w).SetReadDeadline(time.Now().Add(bodyTime))
 	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxBody))
-	var tooBig *http.MaxBytesError
-	if errors.As(err, &tooBig) {
+	if _, ok := errors.AsType[*http.MaxBytesError](err); ok {
 		return release, fmt.Errorf("%w: request body over %d bytes", errTooLarge, maxBody)
 	} else if err != nil {
 		return release, fmt.Errorf("%w: reading the body: %v", errInvalid, err)
@@ -265,8 +263,7 @@ func (s *server) fail(w http.ResponseWriter, r *http.Request, err error) {
 			status, msg = code, err.Error()
 		}
 	}
-	var retry *retryError
-	if errors.As(err, &retry) {
+	if retry, ok := errors.AsType[*retryError](err); ok {
 		w.Header().Set("Retry-After", strconv.Itoa(int(retry.after.Seconds()+0.999)))
 	} else if status == http.StatusInternalServerError && r.Context().Err() == nil { // not when the client has gone
 		s.log.Error("request failed", "method", r.Method, "path", r.URL.Path, "err", err)
@@ -314,13 +311,11 @@ func (s *server) updateUser(r *http.Request, _ caller, req *createReq) (any, err
 	return u, err
 }
 
-type loginReq struct {
+func (s *server) loginUser(r *http.Request, _ caller, req *struct {
 	Username string  `json:"username"`
 	Password *string `json:"password"`
 	TOTP     string  `json:"totp"`
-}
-
-func (s *server) loginUser(r *http.Request, _ caller, req *loginReq) (any, error) {
+}) (any, error) {
 	if req.Password == nil {
 		return nil, fmt.Errorf("%w: username and password are required", errInvalid)
 	}
@@ -439,14 +434,11 @@ func (s *server) passwordReset(r *http.Request, _ caller, req *struct {
 
 func (s *server) verify(r *http.Request, c caller, _ *struct{}) (any, error) {
 	tok, err := mintBiscuit(s.rootKey, c.user, time.Unix(c.exp, 0))
-	if err != nil {
-		return nil, err
-	}
 	// key and token are arrays of numbers, as the original broker answered them.
 	return map[string]any{
 		"key": numbers(s.rootKey.Public().(ed25519.PublicKey)), "token": numbers(tok),
 		"expiry": c.exp, "username": c.Username, "scopes": append([]string{}, c.Scopes...),
-	}, nil
+	}, err
 }
 
 // numbers is b as a JSON array of numbers, where encoding/json would write base64: fmt

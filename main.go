@@ -125,11 +125,11 @@ type server struct {
 	now       func() time.Time // the NTP-corrected clock; tests set their own
 	adminHash [32]byte
 	rootKey   ed25519.PrivateKey
-	dummyHash string        // hashed for unknown users, so they cost as much as known ones
-	hashSlots chan struct{} // bounds concurrent argon2 hashes (19 MiB each)
+	dummyHash string // hashed for unknown users, so they cost as much as known ones
 	throttle  *throttle
-	// Turns to read request bodies, and to write a page of a stream's backlog.
-	smallBodies, largeBodies, publicBodies, backlogTurns chan struct{}
+	// Turns to compute an argon2 hash (19 MiB each), to read request bodies, and to write
+	// a page of a stream's backlog.
+	hashSlots, smallBodies, largeBodies, publicBodies, backlogTurns chan struct{}
 }
 
 // newServer opens the database in cfg.db and builds the server around it.

@@ -264,13 +264,9 @@ func (s *subscriber) end() {
 }
 
 // dropLocked closes the stream at once, discarding what is pending; s.mu must be held.
-// It closes the socket beneath TLS: closing the TLS
-// connection would first try to send a close_notify, which can wait on a full socket.
 func (s *subscriber) dropLocked() {
 	s.ending, s.pending, s.size = true, nil, 0
-	if s.conn != nil {
-		rawConn(s.conn).Close()
-	}
+	s.closeConn()
 	s.schedule()
 }
 
@@ -334,9 +330,7 @@ func (s *subscriber) finish() {
 		s.h.perUser[s.user]-- // an entry per user at most
 		s.h.total--
 		s.h.mu.Unlock()
-		if s.conn != nil { // set by the caller (the stream's handler), or before the stream was queued
-			rawConn(s.conn).Close()
-		}
+		s.closeConn() // s.conn is set by the caller (the stream's handler), or before the stream was queued
 		close(s.done)
 		s.h.streams.Done()
 	})
@@ -386,12 +380,14 @@ func (h *hub) sweep(now time.Time) {
 	}
 }
 
-// rawConn is the socket beneath a TLS connection, or c itself.
-func rawConn(c net.Conn) net.Conn {
-	if t, ok := c.(interface{ NetConn() net.Conn }); ok {
-		return t.NetConn()
+// closeConn closes a hijacked connection's socket, beneath TLS: closing the TLS connection
+// would first try to send a close_notify, which can wait on a full socket.
+func (s *subscriber) closeConn() {
+	if t, ok := s.conn.(interface{ NetConn() net.Conn }); ok {
+		t.NetConn().Close()
+	} else if s.conn != nil {
+		s.conn.Close()
 	}
-	return c
 }
 
 // closeStreams ends every stream and refuses new ones. It returns when all have ended,

@@ -301,6 +301,19 @@ func TestStreamHeartbeat(t *testing.T) {
 	s := b.stream(bearer(jwt)...)
 	b.insert(jwt, "live", 1)
 	s.next() // the stream is live
+	// The client can have the frame before its writer marks the stream idle: wait for that,
+	// or the sweep would rightly skip a stream still being written.
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(time.Millisecond) {
+		subs := b.s.hub.all()
+		subs[0].mu.Lock()
+		queued := subs[0].queued
+		subs[0].mu.Unlock()
+		if !queued {
+			break
+		} else if time.Now().After(deadline) {
+			t.Fatal("the stream is still being written after 10 s")
+		}
+	}
 	hb := b.s.hub.cfg.heartbeat
 	b.s.hub.sweep(time.Now().Add(hb - time.Second)) // not silent long enough
 	b.s.hub.sweep(time.Now().Add(hb + time.Second)) // queues the keep-alive before the event

@@ -18,9 +18,7 @@ import (
 
 // store is broker's embedded database: one bbolt file in the --db folder, opened with
 // bbolt's defaults (never NoSync), so a write that returned has been fsync'd.
-type store struct {
-	db *bolt.DB
-}
+type store struct{ db *bolt.DB }
 
 var (
 	bucketUsers  = []byte("users")  // username -> JSON user with its secrets

@@ -71,22 +71,20 @@ func clientAddr(r *http.Request) string {
 func (t *throttle) begin(now time.Time, keys ...tkey) (end func(failed bool), err error) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
+	fresh := 0 // keys the map does not hold
 	for _, k := range keys {
-		st := t.strikes[k]
+		st, held := t.strikes[k]
 		if now.Before(st.until) || st.inflight >= k.parallel || st.inflight > 0 && st.fails+st.inflight >= k.free {
 			return nil, &retryError{after: max(st.until.Sub(now), time.Second), error: errTooMany}
 		}
-	}
-	// Room for the keys the map does not hold: a full map forgets keys without an attempt
-	// in flight whose last failure and lock ended over forget ago. Failures are never
-	// forgotten earlier, or a flood of new keys would reset everyone's count: with no room,
-	// attempts with a new key are refused, and the map is not scanned again for a second.
-	fresh := 0
-	for _, k := range keys {
-		if _, held := t.strikes[k]; !held {
+		if !held {
 			fresh++
 		}
 	}
+	// Room for the fresh keys: a full map forgets keys without an attempt in flight whose
+	// last failure and lock ended over forget ago. Failures are never forgotten earlier, or
+	// a flood of new keys would reset everyone's count: with no room, attempts with a new
+	// key are refused, and the map is not scanned again for a second.
 	for k, st := range t.strikes {
 		if len(t.strikes)+fresh <= t.maxKeys || now.Before(t.rescan) {
 			break

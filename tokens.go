@@ -60,14 +60,13 @@ func verifyJWT(token string, key []byte, now time.Time) (claims, error) {
 		Alg string  `json:"alg"`
 		Typ *string `json:"typ"`
 	}
-	// The alphabet is checked here because base64 decoders skip CR and LF.
-	if len(token) > maxJWT || strings.Trim(token, "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.") != "" {
-		return c, errBadToken
-	}
 	header, rest, _ := strings.Cut(token, ".")
 	payload, sig, ok := strings.Cut(rest, ".")
 	mac, err := b64.DecodeString(sig)
-	if !ok || err != nil || !hmac.Equal(mac, hs256(header+"."+payload, key)) {
+	// Size and alphabet are checked before the MAC; the alphabet because base64 decoders
+	// skip CR and LF.
+	if len(token) > maxJWT || strings.Trim(token, "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.") != "" ||
+		!ok || err != nil || !hmac.Equal(mac, hs256(header+"."+payload, key)) {
 		return c, errBadToken
 	}
 	rawHead, err1 := b64.DecodeString(header)

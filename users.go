@@ -124,12 +124,8 @@ func (s *server) validate(ctx context.Context, username string, f userFields) (h
 	return hash, err
 }
 
-func deref[T any](p *T) (v T) {
-	if p != nil {
-		v = *p
-	}
-	return v
-}
+// deref is *p, or the zero value when p is nil (a field not given).
+func deref[T any](p *T) T { return *cmp.Or(p, new(T)) }
 
 // validEmail accepts a plain local@domain.tld address of at most maxEmail bytes whose
 // domain (or a parent of it) is not a throwaway-mail domain.
@@ -173,12 +169,10 @@ func (s *server) apply(u *user, f userFields, hash string) {
 	u.Scopes = *cmp.Or(f.Scopes, &u.Scopes)
 	u.Data = *cmp.Or(f.Data, &u.Data)
 	u.Email = cmp.Or(f.Email, u.Email)
-	if hash != "" {
-		if u.Hash != "" {
-			u.endTokens(s.now())
-		}
-		u.Hash = hash
+	if hash != "" && u.Hash != "" { // a new password ends the tokens issued with the old one
+		u.endTokens(s.now())
 	}
+	u.Hash = cmp.Or(hash, u.Hash)
 	if f.TwoFactor != nil && *f.TwoFactor != u.TwoFactor {
 		// Turning two-factor on (again) enrols a new secret and ends the tokens issued
 		// without a code.
@@ -203,16 +197,14 @@ func (s *server) hashPassword(ctx context.Context, password string, inputs ...st
 	}
 	salt := randomBytes(16)
 	key, err := s.argon(ctx, password, salt, argonMemory, argonTime, argonThreads, 32)
-	enc := base64.RawStdEncoding
 	return fmt.Sprintf("$argon2id$v=19$m=%d,t=%d,p=%d$%s$%s", argonMemory, argonTime, argonThreads,
-		enc.EncodeToString(salt), enc.EncodeToString(key)), err
+		base64.RawStdEncoding.EncodeToString(salt), base64.RawStdEncoding.EncodeToString(key)), err
 }
 
 // verifyPassword reports whether password matches the PHC string phc. The parameters are
 // bounded so a tampered hash cannot make the server allocate gigabytes.
 func (s *server) verifyPassword(ctx context.Context, phc, password string) (bool, error) {
-	var m, t uint32
-	var p uint8
+	var m, t, p uint32
 	var rest string
 	_, err := fmt.Sscanf(phc, "$argon2id$v=19$m=%d,t=%d,p=%d$%s", &m, &t, &p, &rest)
 	salt, hash, _ := strings.Cut(rest, "$")
@@ -227,7 +219,7 @@ func (s *server) verifyPassword(ctx context.Context, phc, password string) (bool
 
 // argon runs one argon2id hash in one of the few hashing slots: each hash allocates its
 // whole memory cost, so unbounded parallel logins could exhaust memory.
-func (s *server) argon(ctx context.Context, password string, salt []byte, m, t uint32, p uint8, n uint32) ([]byte, error) {
+func (s *server) argon(ctx context.Context, password string, salt []byte, m, t, p, n uint32) ([]byte, error) {
 	select {
 	case s.hashSlots <- struct{}{}:
 		defer func() { <-s.hashSlots }()
@@ -236,7 +228,7 @@ func (s *server) argon(ctx context.Context, password string, salt []byte, m, t u
 	case <-ctx.Done():
 		return nil, ctx.Err()
 	}
-	return argon2.IDKey([]byte(password), salt, t, m, p, n), nil
+	return argon2.IDKey([]byte(password), salt, t, m, uint8(p), n), nil // p is at most 8
 }
 
 // newID returns a random (version 4) UUID.
