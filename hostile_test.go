@@ -260,10 +260,12 @@ func TestBacklogPagedByBytes(t *testing.T) {
 			peak = max(peak, h)
 		}
 	}
-	// Each stalled stream holds a page of about maxPage bytes, and only backlogTurns (32)
-	// are read and written at once; the others wait for a turn, holding nothing.
-	if grown := int64(peak) - int64(base); grown > 35<<20 {
-		t.Errorf("heap growth with %d stalled streams of a %d-event history: got %d MiB; want under 35 MiB", streams, events, grown>>20)
+	// A stalled stream holds at most a page of about maxPage bytes, and only a few pages are
+	// read and written at once (userPages of one user); the others wait for a turn, holding
+	// nothing. Their histories would take 700 MB; the bound leaves room for the runtime's
+	// own growth on a loaded machine (15-25 MiB seen under -race).
+	if grown := int64(peak) - int64(base); grown > 100<<20 {
+		t.Errorf("heap growth with %d stalled streams of a %d-event history: got %d MiB; want under 100 MiB", streams, events, grown>>20)
 	} else {
 		t.Logf("heap growth with %d stalled streams: %.1f MiB", streams, float64(grown)/(1<<20))
 	}
