@@ -154,7 +154,7 @@ func handle[T any](s *server, who access, act func(r *http.Request, c caller, re
 		}
 		if err == nil && r.Method == http.MethodPost {
 			var release func()
-			release, err = s.readJSON(w, r, who == signedIn, req)
+			release, err = s.readJSON(w, r, deref(c.user).Username, req)
 			defer release() // the turn lasts while the request holds its body: until it is answered
 		}
 		if err == nil && who == admin {
@@ -209,22 +209,38 @@ func decodeJSON(raw []byte, v any) error {
 // smallBody bytes, one of largeBodies beyond (or of unknown length). Other bodies over
 // smallBody bytes take one of publicBodies turns, so anonymous clients cannot hold the
 // inserts' turns; smaller ones take none: they cost a connection no more than its headers.
-// A request waits up to 5 s for a turn, then is answered 503.
+// A request waits up to 5 s for a turn, then is answered 503. One user holds at most a
+// quarter of the inserts' turns of a size (over that: 429 at once), so one user's stalled
+// uploads cannot hold them all.
 const smallBody, smallBodies, largeBodies, publicBodies, bodyTime = 64 << 10, 256, 32, 8, 10 * time.Second
 
 // readJSON reads r's body, in a turn, and decodes it into v. It returns the function that
 // gives the turn back. A body must arrive within bodyTime once it has a turn.
-func (s *server) readJSON(w http.ResponseWriter, r *http.Request, signedIn bool, v any) (func(), error) {
+// user is the signed-in user's name, "" for others.
+func (s *server) readJSON(w http.ResponseWriter, r *http.Request, user string, v any) (func(), error) {
 	turns, release := s.smallBodies, func() {}
 	if r.ContentLength < 0 || r.ContentLength > smallBody {
-		turns = map[bool]chan struct{}{true: s.largeBodies, false: s.publicBodies}[signedIn]
-	} else if !signedIn {
+		turns = map[bool]chan struct{}{true: s.largeBodies, false: s.publicBodies}[user != ""]
+	} else if user == "" {
 		turns = nil
+	}
+	if user != "" {
+		mine := s.userTurns(user, turns, cap(turns)/4)
+		select {
+		case mine <- struct{}{}:
+			release = func() { <-mine }
+		default:
+			return release, &retryError{after: time.Second, error: fmt.Errorf("%w: too many of your requests with bodies at once", errTooMany)}
+		}
 	}
 	if turns != nil {
 		select {
 		case turns <- struct{}{}:
-			release = func() { <-turns }
+			releaseMine := release
+			release = func() {
+				<-turns
+				releaseMine()
+			}
 		case <-time.After(5 * time.Second):
 			return release, &retryError{after: time.Second, error: fmt.Errorf("%w: too many requests with bodies at once", errBusy)}
 		case <-r.Context().Done():

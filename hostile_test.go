@@ -297,7 +297,7 @@ func TestInsertBudget(t *testing.T) {
 		return r
 	}
 	read := func(r *http.Request) error {
-		release, err := b.s.readJSON(httptest.NewRecorder(), r, true, &map[string]any{})
+		release, err := b.s.readJSON(httptest.NewRecorder(), r, "ins", &map[string]any{})
 		release()
 		return err
 	}
@@ -314,7 +314,7 @@ func TestInsertBudget(t *testing.T) {
 		t.Errorf("small body with every turn taken: got %v; want nil at once", err)
 	}
 	// The turn lasts until the request is answered, with the copies of its body.
-	release, _ := b.s.readJSON(httptest.NewRecorder(), httptest.NewRequest("POST", "/insert", strings.NewReader("{}")), true, &map[string]any{})
+	release, _ := b.s.readJSON(httptest.NewRecorder(), httptest.NewRequest("POST", "/insert", strings.NewReader("{}")), "ins", &map[string]any{})
 	if n := len(b.s.smallBodies); n != 1 {
 		t.Errorf("small turns taken before the request is answered: got %d; want 1", n)
 	}
@@ -864,7 +864,7 @@ func TestAnonymousBodiesTakeOtherTurns(t *testing.T) {
 	for range cap(b.s.publicBodies) {
 		b.s.publicBodies <- struct{}{}
 	}
-	if release, err := b.s.readJSON(httptest.NewRecorder(), large(), true, &map[string]any{}); err != nil {
+	if release, err := b.s.readJSON(httptest.NewRecorder(), large(), "someone", &map[string]any{}); err != nil {
 		t.Errorf("signed-in large body with every public turn taken: got %v; want nil", err)
 	} else {
 		release()
@@ -880,7 +880,7 @@ func TestAnonymousBodiesTakeOtherTurns(t *testing.T) {
 			<-b.s.largeBodies
 		}
 	}()
-	if release, err := b.s.readJSON(httptest.NewRecorder(), large(), false, &map[string]any{}); err != nil {
+	if release, err := b.s.readJSON(httptest.NewRecorder(), large(), "", &map[string]any{}); err != nil {
 		t.Errorf("anonymous large body with every insert turn taken: got %v; want nil", err)
 	} else {
 		release()
@@ -917,4 +917,59 @@ func TestBacklogTurnsShared(t *testing.T) {
 			t.Fatalf("another user's backlog stuck at event %d behind the hog's stalled streams", want)
 		}
 	}
+}
+
+// TestUserBodyShare: one user holds at most a quarter of the inserts' body turns of a size
+// (more is 429 at once, taking nothing), so another user's insert still gets a turn while
+// the first one's uploads stall.
+func TestUserBodyShare(t *testing.T) {
+	b := newTestBroker(t)
+	for _, c := range []struct {
+		pool   chan struct{}
+		length int64
+	}{{b.s.smallBodies, 2}, {b.s.largeBodies, -1}} {
+		req := func() *http.Request {
+			r := httptest.NewRequest("POST", "/insert", strings.NewReader("{}"))
+			r.ContentLength = c.length
+			return r
+		}
+		var held []func()
+		for range cap(c.pool) / 4 {
+			release, err := b.s.readJSON(httptest.NewRecorder(), req(), "hog", &map[string]any{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			held = append(held, release)
+		}
+		taken := len(c.pool)
+		if _, err := b.s.readJSON(httptest.NewRecorder(), req(), "hog", &map[string]any{}); !errors.Is(err, errTooMany) || len(c.pool) != taken {
+			t.Errorf("turn %d of one user: got %v with %d turns taken; want errTooMany with %d", taken+1, err, len(c.pool), taken)
+		}
+		release, err := b.s.readJSON(httptest.NewRecorder(), req(), "fair", &map[string]any{})
+		if err != nil {
+			t.Errorf("another user's body while the first holds its share: %v", err)
+		}
+		release()
+		for _, r := range held {
+			r()
+		}
+		if len(c.pool) != 0 {
+			t.Errorf("turns left taken: %d", len(c.pool))
+		}
+	}
+	// Over HTTP the refusal is 429 with Retry-After.
+	b.createUser("hog", "H")
+	jwt := b.login("hog")
+	mine := b.s.userTurns("hog", b.s.smallBodies, cap(b.s.smallBodies)/4)
+	for range cap(mine) {
+		mine <- struct{}{}
+	}
+	code, out := b.do("POST", "/insert", obj{"event": "e", "data": 1}, bearer(jwt)...)
+	if code != 429 || !strings.Contains(string(out), "too many") {
+		t.Errorf("insert over the user's share: got %d %s; want 429", code, out)
+	}
+	for range cap(mine) {
+		<-mine
+	}
+	b.insert(jwt, "e", 2)
 }

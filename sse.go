@@ -45,9 +45,8 @@ type hub struct {
 	mu      sync.Mutex                      // guards the fields below
 	subs    map[string]map[*subscriber]bool // by tenant
 	perUser map[string]int
-	pages   map[string]chan struct{} // each user's turns to write backlog pages
-	total   int                      // open streams
-	lastID  map[string]uint64        // the last published event ID of each tenant
+	total   int               // open streams
+	lastID  map[string]uint64 // the last published event ID of each tenant
 	closed  bool
 }
 
@@ -65,7 +64,7 @@ func newHub(db *store, log *slog.Logger, cfg config) (*hub, error) {
 	h := &hub{
 		db: db, log: log, cfg: cfg,
 		inserts: make(chan *event, 1000), work: make(chan *subscriber, cfg.maxStreams), stop: make(chan struct{}),
-		subs: map[string]map[*subscriber]bool{}, perUser: map[string]int{}, pages: map[string]chan struct{}{}, lastID: seqs,
+		subs: map[string]map[*subscriber]bool{}, perUser: map[string]int{}, lastID: seqs,
 	}
 	h.loops.Go(func() { loop(h, h.inserts, h.commit) })
 	h.loops.Go(func() { loop(h, time.NewTicker(min(5*time.Second, cfg.heartbeat/2)).C, h.sweep) })
@@ -191,7 +190,6 @@ type subscriber struct {
 	h            *hub
 	tenant, user string              // user is "" on an admin's stream (no username is empty)
 	expires      time.Time           // the credentials' expiry, on the local clock
-	pages        chan struct{}       // the user's turns to write backlog pages
 	w            http.ResponseWriter // HTTP/2 streams are written through w; set while syncing
 	done         chan struct{}       // closed once the stream has ended
 	once         sync.Once
@@ -216,10 +214,7 @@ func (h *hub) subscribe(u *user, expires time.Time) (*subscriber, uint64, error)
 	} else if h.total >= h.cfg.maxStreams || h.perUser[u.Username] >= h.cfg.maxUserStreams {
 		return nil, 0, &retryError{after: time.Second, error: fmt.Errorf("%w: too many open streams", errTooMany)}
 	}
-	if h.pages[u.Username] == nil {
-		h.pages[u.Username] = make(chan struct{}, userPages)
-	}
-	s := &subscriber{h: h, tenant: u.Tenant, user: u.Username, expires: expires, pages: h.pages[u.Username], done: make(chan struct{}), queued: true, lastWrite: time.Now()}
+	s := &subscriber{h: h, tenant: u.Tenant, user: u.Username, expires: expires, done: make(chan struct{}), queued: true, lastWrite: time.Now()}
 	if h.subs[u.Tenant] == nil {
 		h.subs[u.Tenant] = map[*subscriber]bool{}
 	}
@@ -422,7 +417,7 @@ func (s *server) page(sub *subscriber, latest bool, after, upto uint64) (last ui
 	if ending {
 		return 0, errBusy
 	}
-	for _, turns := range []chan struct{}{sub.pages, s.backlogTurns} {
+	for _, turns := range []chan struct{}{s.userTurns(sub.user, s.backlogTurns, userPages), s.backlogTurns} {
 		select {
 		case turns <- struct{}{}:
 			defer func() { <-turns }()
