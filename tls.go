@@ -40,11 +40,8 @@ func (c *certFiles) load(now time.Time) error {
 	defer c.mu.Unlock()
 	if seen := string(certPEM) + string(keyPEM); seen != c.seen || c.cert.Load() == nil {
 		c.seen = seen
-		var cert tls.Certificate
-		if err = cmp.Or(err, err2); err == nil {
-			cert, err = tls.X509KeyPair(certPEM, keyPEM) // parses the leaf too (Go 1.23)
-		}
-		if err == nil && (now.After(cert.Leaf.NotAfter) || now.Before(cert.Leaf.NotBefore)) {
+		cert, err3 := tls.X509KeyPair(certPEM, keyPEM) // parses the leaf too (Go 1.23); a read error comes first
+		if err = cmp.Or(err, err2, err3); err == nil && (now.After(cert.Leaf.NotAfter) || now.Before(cert.Leaf.NotBefore)) {
 			err = fmt.Errorf("valid only from %s to %s", cert.Leaf.NotBefore.Format(time.RFC3339), cert.Leaf.NotAfter.Format(time.RFC3339))
 		}
 		if err != nil {

@@ -96,11 +96,8 @@ func (s *server) authenticate(r *http.Request) (*user, int64, error) {
 	h := r.Header.Get("Authorization")
 	if len(h) > 7 && strings.EqualFold(h[:7], "bearer ") {
 		c, err := verifyJWT(h[7:], []byte(s.cfg.jwtSecret), s.now())
-		if err != nil {
-			return nil, 0, err
-		}
-		u, err := s.db.getUser(c.Sub)
-		if err != nil || u.Revoked || c.Iat < u.NotBefore {
+		u, err2 := s.db.getUser(c.Sub) // after a failed verification c is empty: no user is named ""
+		if err != nil || err2 != nil || u.Revoked || c.Iat < u.NotBefore {
 			return nil, 0, errBadToken
 		}
 		return u, c.Exp, nil
