@@ -59,8 +59,8 @@ func (s *server) routes() http.Handler {
 	mux.HandleFunc("POST /list_users", handle(s, admin, s.listUsers))
 	mux.HandleFunc("POST /get_user", handle(s, admin, s.getUser))
 	mux.HandleFunc("POST /update_user", handle(s, admin, s.updateUser))
-	mux.HandleFunc("POST /revoke_user", handle(s, admin, s.revokeUser))
-	mux.HandleFunc("POST /unrevoke_user", handle(s, admin, s.unrevokeUser))
+	mux.HandleFunc("POST /revoke_user", handle(s, admin, s.setRevoked(true)))
+	mux.HandleFunc("POST /unrevoke_user", handle(s, admin, s.setRevoked(false)))
 	mux.HandleFunc("POST /create_qr", handle(s, admin, s.createQR))
 	mux.HandleFunc("POST /create_totp", handle(s, admin, s.createTOTP))
 	mux.HandleFunc("POST /password_reset", handle(s, anyone, s.passwordReset))
@@ -75,7 +75,6 @@ func (s *server) routes() http.Handler {
 	mux.HandleFunc("GET /admin/", func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Security-Policy", "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
 		w.Header().Set("X-Frame-Options", "DENY")
-		w.Header().Set("Referrer-Policy", "no-referrer")
 		files.ServeHTTP(w, r)
 	})
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) { // 404, or 405 naming the methods the path has
@@ -353,25 +352,23 @@ func (s *server) getUser(r *http.Request, _ caller, req *userReq) (any, error) {
 	return s.db.getUser(req.Username)
 }
 
-// revokeUser refuses the user's logins, ends its tokens and streams.
-func (s *server) revokeUser(r *http.Request, _ caller, req *userReq) (any, error) {
-	_, err := s.db.updateUser(req.Username, false, func(u *user) error {
-		u.Revoked = true
-		u.endTokens(s.now()) // tokens issued before stay dead after an unrevoke
-		return nil
-	})
-	s.hub.kick(req.Username) // an unknown user has no streams
-	return struct{}{}, err
-}
-
-// unrevokeUser lets the user log in again, and clears its lockout.
-func (s *server) unrevokeUser(r *http.Request, _ caller, req *userReq) (any, error) {
-	_, err := s.db.updateUser(req.Username, false, func(u *user) error {
-		u.Revoked = false
-		return nil
-	})
-	s.throttle.clear(accountKey("login", req.Username), accountKey("reset", req.Username)) // an unknown user has none
-	return struct{}{}, err
+// setRevoked answers /revoke_user (refuse the user's logins, end its tokens and streams)
+// or /unrevoke_user (let the user log in again, and clear its lockout).
+func (s *server) setRevoked(revoked bool) func(*http.Request, caller, *userReq) (any, error) {
+	return func(r *http.Request, _ caller, req *userReq) (any, error) {
+		_, err := s.db.updateUser(req.Username, false, func(u *user) error {
+			if u.Revoked = revoked; revoked {
+				u.endTokens(s.now()) // tokens issued before stay dead after an unrevoke
+			}
+			return nil
+		})
+		if revoked {
+			s.hub.kick(req.Username) // an unknown user has no streams
+		} else {
+			s.throttle.clear(accountKey("login", req.Username), accountKey("reset", req.Username)) // an unknown user has none
+		}
+		return struct{}{}, err
+	}
 }
 
 func (s *server) createQR(r *http.Request, _ caller, req *struct {

@@ -4,7 +4,6 @@
 package main
 
 import (
-	"cmp"
 	"context"
 	"crypto/ed25519"
 	"crypto/sha256"
@@ -35,9 +34,8 @@ var version string
 
 func init() {
 	if bi, ok := debug.ReadBuildInfo(); ok && version == "" {
-		version = bi.Main.Version
+		version = bi.Main.Version // "(devel)" when the go command knows no better
 	}
-	version = cmp.Or(version, "(unknown)")
 }
 
 // config holds every setting. Each comes from a flag or, when the flag is not given, from
@@ -128,17 +126,11 @@ type server struct {
 	rootKey   ed25519.PrivateKey
 	dummyHash string // hashed for unknown users, so they cost as much as known ones
 	throttle  *throttle
-	mu        sync.Mutex                 // guards shares
-	shares    map[userPool]chan struct{} // users' shares of the turns below
+	mu        sync.Mutex               // guards shares
+	shares    map[[2]any]chan struct{} // users' shares of the turns below, by [user, turns]
 	// Turns to compute an argon2 hash (19 MiB each), to read request bodies, and to write
 	// a page of a stream's backlog.
 	hashSlots, smallBodies, largeBodies, publicBodies, backlogTurns chan struct{}
-}
-
-// userPool names one user's share of a pool of turns.
-type userPool struct {
-	user string
-	pool chan struct{}
 }
 
 // userTurns returns user's share of the turns of pool, n of them, made on first use: an
@@ -146,10 +138,10 @@ type userPool struct {
 func (s *server) userTurns(user string, pool chan struct{}, n int) chan struct{} {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.shares[userPool{user, pool}] == nil {
-		s.shares[userPool{user, pool}] = make(chan struct{}, n)
+	if s.shares[[2]any{user, pool}] == nil {
+		s.shares[[2]any{user, pool}] = make(chan struct{}, n)
 	}
-	return s.shares[userPool{user, pool}]
+	return s.shares[[2]any{user, pool}]
 }
 
 // newServer opens the database in cfg.db and builds the server around it.
@@ -168,7 +160,7 @@ func newServer(cfg config, log *slog.Logger, now func() time.Time) (_ *server, e
 		adminHash: sha256.Sum256([]byte(cfg.adminToken)), hashSlots: make(chan struct{}, 4),
 		throttle:    &throttle{maxKeys: throttleKeys, strikes: map[tkey]strike{}},
 		smallBodies: make(chan struct{}, smallBodies), largeBodies: make(chan struct{}, largeBodies), publicBodies: make(chan struct{}, publicBodies),
-		backlogTurns: make(chan struct{}, backlogTurns), shares: map[userPool]chan struct{}{},
+		backlogTurns: make(chan struct{}, backlogTurns), shares: map[[2]any]chan struct{}{},
 	}
 	s.hub, err = newHub(db, log, cfg)
 	if err == nil {

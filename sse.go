@@ -319,10 +319,8 @@ func (s *subscriber) write(bufs net.Buffers) error {
 func (s *subscriber) finish() {
 	s.once.Do(func() {
 		s.h.mu.Lock()
-		if delete(s.h.subs[s.tenant], s); len(s.h.subs[s.tenant]) == 0 {
-			delete(s.h.subs, s.tenant)
-		}
-		s.h.perUser[s.user]-- // an entry per user at most
+		delete(s.h.subs[s.tenant], s)
+		s.h.perUser[s.user]-- // an entry per tenant and per user at most
 		s.h.total--
 		s.h.mu.Unlock()
 		s.closeConn() // s.conn is set by the caller (the stream's handler), or before the stream was queued

@@ -108,9 +108,7 @@ func (st *store) updateUser(name string, create bool, change func(*user) error) 
 		}
 		if err := change(u); err != nil {
 			return err
-		}
-		v, err := json.Marshal(storedUser{u, &u.secrets})
-		if err != nil {
+		} else if v, err = json.Marshal(storedUser{u, &u.secrets}); err != nil {
 			return err
 		}
 		return b.Put([]byte(name), v)

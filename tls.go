@@ -13,7 +13,6 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"golang.org/x/crypto/acme"
@@ -27,18 +26,17 @@ import (
 type certFiles struct {
 	certPath, keyPath string
 	log               *slog.Logger
-	cert              atomic.Pointer[tls.Certificate]
-	mu                sync.Mutex // guards seen
-	seen              string     // the content of the files last read
+	mu                sync.Mutex // guards the fields below: one handshake at a time reads the files
+	cert              *tls.Certificate
+	seen              string // the content of the files last read
 }
 
-// load takes the pair into use if the files changed since they were last read.
+// load takes the pair into use if the files changed since they were last read. The
+// caller holds c.mu, or is alone with c.
 func (c *certFiles) load(now time.Time) error {
 	certPEM, err := os.ReadFile(c.certPath)
 	keyPEM, err2 := os.ReadFile(c.keyPath)
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if seen := string(certPEM) + string(keyPEM); seen != c.seen || c.cert.Load() == nil {
+	if seen := string(certPEM) + string(keyPEM); seen != c.seen || c.cert == nil {
 		c.seen = seen
 		cert, err3 := tls.X509KeyPair(certPEM, keyPEM) // parses the leaf too (Go 1.23); a read error comes first
 		if err = cmp.Or(err, err2, err3); err == nil && (now.After(cert.Leaf.NotAfter) || now.Before(cert.Leaf.NotBefore)) {
@@ -47,16 +45,18 @@ func (c *certFiles) load(now time.Time) error {
 		if err != nil {
 			return fmt.Errorf("tls: certificate %s with key %s: %w", c.certPath, c.keyPath, err)
 		}
-		c.cert.Store(&cert)
+		c.cert = &cert
 	}
 	return nil
 }
 
 func (c *certFiles) get(*tls.ClientHelloInfo) (*tls.Certificate, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
 	if err := c.load(time.Now()); err != nil {
 		c.log.Error("keeping the certificate in use", "err", err)
 	}
-	return c.cert.Load(), nil
+	return c.cert, nil
 }
 
 // serveTLS serves srv over HTTPS on --https_port (HTTP/2 or HTTP/1.1, TLS 1.2 at least)

@@ -265,13 +265,11 @@ func (s *server) login(r *http.Request, name, password string, totp *string) (_ 
 	} else if err != nil {
 		return nil, err
 	}
-	ok, err := s.verifyPassword(r.Context(), u.Hash, password)
-	switch {
-	case err != nil:
+	if ok, err := s.verifyPassword(r.Context(), u.Hash, password); err != nil {
 		return nil, err
-	case !ok || u.Revoked || u.TwoFactor && totp == nil: // HTTP Basic cannot carry a code
+	} else if !ok || u.Revoked || u.TwoFactor && totp == nil { // HTTP Basic cannot carry a code
 		return nil, errBadLogin
-	case u.TwoFactor:
+	} else if u.TwoFactor {
 		return u, s.checkTOTP(u, *totp)
 	}
 	return u, nil
