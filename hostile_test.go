@@ -248,24 +248,23 @@ func TestBacklogPagedByBytes(t *testing.T) {
 		conns = append(conns, c)
 	}
 	waitFor(t, 10*time.Second, "stalled streams registered", func() bool { return b.openStreams("hist") == streams })
-	// Each handler reads a page of the backlog and blocks writing it to the full socket.
-	// Sample the heap until it has stopped growing for 5 samples, within 3 s (a stalled
-	// write ends after writeTimeout, 5 s).
-	peak := heap()
-	for stable, deadline := 0, time.Now().Add(3*time.Second); stable < 5 && time.Now().Before(deadline); stable++ {
-		time.Sleep(20 * time.Millisecond) // sampling interval, bounded by the deadline
-		if h := heap(); h > peak+(1<<20) {
-			peak, stable = h, -1
-		} else {
-			peak = max(peak, h)
-		}
-	}
-	// A stalled stream holds at most a page of about maxPage bytes, and only a few pages are
-	// read and written at once (userPages of one user); the others wait for a turn, holding
-	// nothing. Their histories would take 700 MB; the bound leaves room for the runtime's
-	// own growth on a loaded machine (15-25 MiB seen under -race).
-	if grown := int64(peak) - int64(base); grown > 100<<20 {
-		t.Errorf("heap growth with %d stalled streams of a %d-event history: got %d MiB; want under 100 MiB", streams, events, grown>>20)
+	// Each handler reads pages of the backlog until its socket's buffers are full, then
+	// blocks writing one. Measure once they are stuck: the user's page turns held and
+	// allocation stopped (while the kernel still takes pages, the heap holds their garbage).
+	var m runtime.MemStats
+	waitFor(t, 10*time.Second, "stalled streams stopped allocating", func() bool {
+		runtime.ReadMemStats(&m)
+		before := m.TotalAlloc
+		time.Sleep(50 * time.Millisecond) // the sampling interval
+		runtime.ReadMemStats(&m)
+		return m.TotalAlloc-before < 64<<10
+	})
+	// At most userPages pages of about maxPage bytes (the last event may pass it) are held
+	// for the one user; the other streams wait for a turn, holding a few KiB each. Their
+	// histories would take 700 MB.
+	bound := int64(userPages*(maxPage+maxEventData) + streams*(64<<10) + 8<<20)
+	if grown := int64(heap()) - int64(base); grown > bound {
+		t.Errorf("heap growth with %d stalled streams of a %d-event history: got %.1f MiB; want under %.1f MiB", streams, events, float64(grown)/(1<<20), float64(bound)/(1<<20))
 	} else {
 		t.Logf("heap growth with %d stalled streams: %.1f MiB", streams, float64(grown)/(1<<20))
 	}
