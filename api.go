@@ -207,7 +207,8 @@ func decodeJSON(raw []byte, v any) error {
 // stay bounded. Signed-in users' bodies (inserts) take one of smallBodies turns up to
 // smallBody bytes, one of largeBodies beyond (or of unknown length). Other bodies over
 // smallBody bytes take one of publicBodies turns, so anonymous clients cannot hold the
-// inserts' turns; smaller ones take none: they cost a connection no more than its headers.
+// inserts' turns; smaller ones take none, so they are bounded only by the connections (up to
+// 64 KiB each, held for at most bodyTime).
 // A request waits up to 5 s for a turn, then is answered 503. One user holds at most a
 // quarter of the inserts' turns of a size (over that: 429 at once), so one user's stalled
 // uploads cannot hold them all.
@@ -362,9 +363,9 @@ func (s *server) setRevoked(revoked bool) func(*http.Request, caller, *userReq) 
 			}
 			return nil
 		})
-		if revoked {
-			s.hub.kick(req.Username) // an unknown user has no streams
-		} else {
+		if revoked && err == nil {
+			s.hub.kick(req.Username)
+		} else if !revoked {
 			s.throttle.clear(accountKey("login", req.Username), accountKey("reset", req.Username)) // an unknown user has none
 		}
 		return struct{}{}, err

@@ -115,3 +115,16 @@ func TestAdminStreamRefused(t *testing.T) {
 		t.Errorf("%d admin streams open after refusals", n)
 	}
 }
+
+// TestRevokeUnknownKeepsAdminStreams: revoking a user that does not exist (even the empty
+// name, under which admin streams are counted) is 404 and ends no stream.
+func TestRevokeUnknownKeepsAdminStreams(t *testing.T) {
+	b := newTestBroker(t)
+	b.createUser("alice", "A")
+	s := openStream(t, b.ts.URL+"/sse?tenant=A", http.DefaultClient, adminBearer...)
+	for _, name := range []string{"", "nobody"} {
+		b.must(404, "POST", "/revoke_user", obj{"admin_token": "letmein", "username": name})
+	}
+	b.insert(b.login("alice"), "still", 1)
+	expect(t, s.next(), "still", "1", "1")
+}
