@@ -13,40 +13,6 @@ import (
 	"time"
 )
 
-func TestParseVmRSS(t *testing.T) {
-	status := "Name:\tbroker\nVmPeak:\t 2000000 kB\nVmHWM:\t  900000 kB\nVmRSS:\t  126361 kB\nRssAnon:\t  100 kB\n"
-	if got, err := parseVmRSS(status); err != nil || got != 126361<<10 {
-		t.Errorf("parseVmRSS = %d, %v; want %d", got, err, 126361<<10)
-	}
-	for _, bad := range []string{"Name:\tbroker\n", "VmRSS:\t12 MB\n", "VmRSS:\tx kB\n"} {
-		if _, err := parseVmRSS(bad); err == nil {
-			t.Errorf("parseVmRSS(%q) succeeded", bad)
-		}
-	}
-}
-
-func TestParseStat(t *testing.T) {
-	// The name may hold spaces and parentheses; utime (14) = 250, stime (15) = 42.
-	stat := "4242 (bro ker) (x)) S 1 4242 4242 0 -1 4194560 1234 0 0 0 250 42 0 0 20 0 9 0 5555 999999 3000"
-	if state, got, err := parseStat(stat); err != nil || got != 292 || state != "S" {
-		t.Errorf("parseStat = %q, %d, %v; want S, 292", state, got, err)
-	}
-	for _, bad := range []string{"", "1 (x) S 1 2", "1 (x) S 1 2 3 4 5 6 7 8 9 10 x 0"} {
-		if _, _, err := parseStat(bad); err == nil {
-			t.Errorf("parseStat(%q) succeeded", bad)
-		}
-	}
-}
-
-func TestReadSelf(t *testing.T) {
-	if rss, err := readRSS(os.Getpid()); err != nil || rss <= 0 {
-		t.Errorf("readRSS(self) = %d, %v", rss, err)
-	}
-	if _, err := readCPU(os.Getpid()); err != nil {
-		t.Errorf("readCPU(self): %v", err)
-	}
-}
-
 func TestParseStatusLine(t *testing.T) {
 	if got, err := parseStatusLine("HTTP/1.1 429 Too Many Requests\r\nRetry-After: 1\r\n"); err != nil || got != 429 {
 		t.Errorf("parseStatusLine = %d, %v", got, err)

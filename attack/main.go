@@ -15,6 +15,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"broker/internal/procstat"
 )
 
 // attack is one named hostile load; run must return within limit (its context's deadline).
@@ -61,7 +63,7 @@ func main() {
 	if *pid <= 0 {
 		fatalf("--pid is required")
 	}
-	if _, err := readRSS(*pid); err != nil {
+	if _, err := procstat.RSS(*pid); err != nil {
 		fatalf("cannot read the broker's memory: %v", err)
 	}
 	selected, err := selectAttacks(*only)
@@ -76,7 +78,7 @@ func main() {
 	e := &env{base: base, admin: *admin, run: randomHex(4)}
 	failed := false
 	for _, a := range selected {
-		if _, err := readCPU(*pid); err != nil {
+		if _, err := procstat.CPU(*pid); err != nil {
 			fmt.Printf("%-10s result=FAIL(broker gone) notes=broker process %d is not running\n", a.name, *pid)
 			failed = true
 			continue
@@ -94,14 +96,14 @@ func main() {
 func runOne(a attack, e *env, pid int, maxRSS float64, strict bool) bool {
 	var r report
 	m := watch(pid, e.base+"/")
-	cpu0, _ := readCPU(pid)
+	cpu0, _ := procstat.CPU(pid)
 	start := time.Now()
 	ctx, cancel := context.WithTimeout(context.Background(), a.limit)
 	err := a.run(ctx, e, &r)
 	cancel()
 	elapsed := time.Since(start)
 	st := m.finish()
-	cpu1, cpuErr := readCPU(pid)
+	cpu1, cpuErr := procstat.CPU(pid)
 	settle := waitIdle(pid, 60*time.Second)
 	var why []string
 	if err != nil {
@@ -142,9 +144,9 @@ func mib(b int64) float64 { return float64(b) / (1 << 20) }
 func waitIdle(pid int, limit time.Duration) time.Duration {
 	start := time.Now()
 	for time.Since(start) < limit {
-		c0, err0 := readCPU(pid)
+		c0, err0 := procstat.CPU(pid)
 		time.Sleep(500 * time.Millisecond)
-		c1, err1 := readCPU(pid)
+		c1, err1 := procstat.CPU(pid)
 		if err0 != nil || err1 != nil || c1-c0 < 50*time.Millisecond {
 			break
 		}

@@ -18,6 +18,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"broker/internal/procstat"
 )
 
 // config is the command line.
@@ -185,7 +187,7 @@ func run(ctx context.Context, cfg *config, w io.Writer) (*result, error) {
 		return nil, err
 	}
 	if cfg.pid > 0 {
-		if _, err := readCPU(cfg.pid); err != nil {
+		if _, err := procstat.CPU(cfg.pid); err != nil {
 			return nil, fmt.Errorf("--pid %d: %v", cfg.pid, err)
 		}
 		if files, err := readNofile(cfg.pid); err == nil && files > 0 && files < cfg.filesNeeded() {
@@ -198,7 +200,7 @@ func run(ctx context.Context, cfg *config, w io.Writer) (*result, error) {
 	// MiB each, which the Go runtime returns to the system only some time later, so a
 	// baseline taken after them would be too high.
 	if cfg.pid > 0 {
-		res.rssBefore, _ = readRSS(cfg.pid)
+		res.rssBefore, _ = procstat.RSS(cfg.pid)
 	}
 	acc, err := setUp(ctx, hc, t.base, cfg.adminToken, res.run)
 	if err != nil {
@@ -251,11 +253,11 @@ func (res *result) hold(ctx context.Context, s *streams, w io.Writer) {
 		case <-ctx.Done():
 			waiting = false
 		case <-tick.C:
-			rss, _ := readRSS(res.cfg.pid)
+			rss, _ := procstat.RSS(res.cfg.pid)
 			progressf(w, "holding: %d dropped, broker RSS %.1f MiB", s.dropped.Load(), mib(rss))
 		}
 	}
-	res.rssOpen, _ = readRSS(res.cfg.pid)
+	res.rssOpen, _ = procstat.RSS(res.cfg.pid)
 	res.cpu = between(before, sampleUsage(res.cfg.pid))
 }
 

@@ -8,46 +8,9 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"broker/internal/procstat"
 )
-
-// clockTicks is USER_HZ, the unit of the CPU times in /proc/<pid>/stat and /proc/stat: 100
-// on every Linux build Go supports (reading it otherwise takes cgo's sysconf).
-const clockTicks = 100
-
-// parseVmRSS returns the VmRSS of a /proc/<pid>/status text, in bytes: the process's
-// resident memory, what the table reports per stream.
-func parseVmRSS(status string) (int64, error) {
-	for line := range strings.SplitSeq(status, "\n") {
-		rest, ok := strings.CutPrefix(line, "VmRSS:")
-		if !ok {
-			continue
-		}
-		f := strings.Fields(rest)
-		if len(f) != 2 || f[1] != "kB" {
-			return 0, fmt.Errorf("malformed VmRSS line %q", line)
-		}
-		kb, err := strconv.ParseInt(f[0], 10, 64)
-		return kb << 10, err
-	}
-	return 0, errors.New("no VmRSS line")
-}
-
-// parseStatCPU returns the state (R, S, Z ...) and utime+stime, in clock ticks, of a
-// /proc/<pid>/stat text. The command name, in parentheses, may hold spaces and
-// parentheses, so fields are counted after the last ')'.
-func parseStatCPU(stat string) (state string, ticks int64, err error) {
-	i := strings.LastIndexByte(stat, ')')
-	if i < 0 {
-		return "", 0, errors.New("malformed stat: no ')'")
-	}
-	f := strings.Fields(stat[i+1:]) // f[0] is field 3 (state); utime is field 14, stime 15
-	if len(f) < 13 {
-		return "", 0, fmt.Errorf("malformed stat: %d fields after the name", len(f))
-	}
-	utime, err1 := strconv.ParseInt(f[11], 10, 64)
-	stime, err2 := strconv.ParseInt(f[12], 10, 64)
-	return f[0], utime + stime, errors.Join(err1, err2)
-}
 
 // parseNofile returns the soft "Max open files" of a /proc/<pid>/limits text (0 for
 // "unlimited", which Linux does not allow for files anyway).
@@ -89,27 +52,6 @@ func parseMachineCPU(stat string) (busy, total int64, err error) {
 		}
 	}
 	return busy, total, nil
-}
-
-func readRSS(pid int) (int64, error) {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
-	if err != nil {
-		return 0, err
-	}
-	return parseVmRSS(string(b))
-}
-
-// readCPU returns the CPU time (user and system) a process has used so far.
-func readCPU(pid int) (time.Duration, error) {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return 0, err
-	}
-	state, ticks, err := parseStatCPU(string(b))
-	if err == nil && (state == "Z" || state == "X") {
-		err = fmt.Errorf("process %d has exited", pid)
-	}
-	return time.Duration(ticks) * time.Second / clockTicks, err
 }
 
 func readNofile(pid int) (uint64, error) {
@@ -154,7 +96,7 @@ type usage struct {
 func sampleUsage(pid int) usage {
 	u := usage{at: time.Now(), self: selfCPU()}
 	if pid > 0 {
-		u.server, _ = readCPU(pid)
+		u.server, _ = procstat.CPU(pid)
 	}
 	if b, err := os.ReadFile("/proc/stat"); err == nil {
 		u.machineBusy, u.machineAll, _ = parseMachineCPU(string(b))
