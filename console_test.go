@@ -178,7 +178,10 @@ func TestConsole(t *testing.T) {
 	run("fix data and save", chromedp.SetValue(chromedp.CSS("#f-data"), `{"name": "Carol"}`), chromedp.Click(chromedp.CSS("#save-user")),
 		chromedp.WaitVisible(chromedp.CSS(`#user-table tr[data-username="carol"]`)))
 	// A server-side refusal is shown next to its field.
-	run("throwaway email", chromedp.Click(chromedp.CSS("#new-user")), chromedp.SendKeys(chromedp.CSS("#f-username"), "dave"),
+	// The form is shown before keys are sent: chromedp's SendKeys reads the node's attributes
+	// without a lock while its event loop updates them (a data race inside chromedp).
+	run("throwaway email", chromedp.Click(chromedp.CSS("#new-user")), chromedp.WaitVisible(chromedp.CSS("#f-username")),
+		chromedp.SendKeys(chromedp.CSS("#f-username"), "dave"),
 		chromedp.SendKeys(chromedp.CSS("#f-tenant"), "acme"), chromedp.SendKeys(chromedp.CSS("#f-password"), "pw-dave"),
 		chromedp.SendKeys(chromedp.CSS("#f-email"), "dave@mailinator.com"), chromedp.Click(chromedp.CSS("#save-user")),
 		chromedp.WaitVisible(chromedp.CSS(`.error[data-for=email]`)))
