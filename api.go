@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"log/slog"
 	"net/http"
 	"regexp"
 	"runtime/debug"
@@ -54,11 +55,11 @@ func (s *server) routes() http.Handler {
 	mux.HandleFunc("GET /{$}", func(w http.ResponseWriter, r *http.Request) {
 		s.reply(w, http.StatusOK, map[string]string{"status": "ok"})
 	})
-	mux.HandleFunc("POST /create_user", handle(s, admin, s.createUser))
+	mux.HandleFunc("POST /create_user", handle(s, admin, s.saveUser(true)))
 	mux.HandleFunc("POST /login", handle(s, anyone, s.loginUser))
 	mux.HandleFunc("POST /list_users", handle(s, admin, s.listUsers))
 	mux.HandleFunc("POST /get_user", handle(s, admin, s.getUser))
-	mux.HandleFunc("POST /update_user", handle(s, admin, s.updateUser))
+	mux.HandleFunc("POST /update_user", handle(s, admin, s.saveUser(false)))
 	mux.HandleFunc("POST /revoke_user", handle(s, admin, s.setRevoked(true)))
 	mux.HandleFunc("POST /unrevoke_user", handle(s, admin, s.setRevoked(false)))
 	mux.HandleFunc("POST /create_qr", handle(s, admin, s.createQR))
@@ -270,8 +271,8 @@ func (s *server) reply(w http.ResponseWriter, status int, v any) {
 	w.Write(b)
 }
 
-// fail answers err as {"error": "..."} with its status. Internal errors are logged and
-// reach the client only as "internal error".
+// fail answers err as {"error": "..."} with its status. Internal errors reach the client
+// only as "internal error". Answers 5xx and 429 (throttled, over a cap) are logged.
 func (s *server) fail(w http.ResponseWriter, r *http.Request, err error) {
 	status, msg := http.StatusInternalServerError, "internal error"
 	for code, sentinel := range map[int]error{400: errInvalid, 401: errUnauthorized, 404: errNotFound, 405: errMethod, 413: errTooLarge, 429: errTooMany, 503: errBusy} {
@@ -281,8 +282,10 @@ func (s *server) fail(w http.ResponseWriter, r *http.Request, err error) {
 	}
 	if retry, ok := errors.AsType[*retryError](err); ok {
 		w.Header().Set("Retry-After", strconv.Itoa(int(retry.after.Seconds()+0.999)))
-	} else if status == http.StatusInternalServerError && r.Context().Err() == nil { // not when the client has gone
-		s.log.Error("request failed", "method", r.Method, "path", r.URL.Path, "err", err)
+	}
+	if status >= 500 && r.Context().Err() == nil || status == http.StatusTooManyRequests { // not when the client has gone
+		level := slog.LevelWarn + slog.Level(status/500*4) // 5xx: ERROR
+		s.log.Log(r.Context(), level, "request failed", "method", r.Method, "path", r.URL.Path, "addr", clientAddr(r), "status", status, "err", err)
 	}
 	s.reply(w, status, map[string]string{"error": msg})
 }
@@ -292,39 +295,32 @@ type createReq struct {
 	userFields
 }
 
-func (s *server) createUser(r *http.Request, _ caller, req *createReq) (any, error) {
-	if req.Password == nil || req.Tenant == nil {
-		return nil, fmt.Errorf("%w: username, password and tenant_name are required", errInvalid)
+// saveUser answers /create_user (a new user; password and tenant required) and
+// /update_user (the given fields change; absent fields stay as they are).
+func (s *server) saveUser(create bool) func(*http.Request, caller, *createReq) (any, error) {
+	return func(r *http.Request, _ caller, req *createReq) (any, error) {
+		if create && (req.Password == nil || req.Tenant == nil) {
+			return nil, fmt.Errorf("%w: username, password and tenant_name are required", errInvalid)
+		}
+		hash, err := s.validate(r.Context(), req.Username, req.userFields)
+		if err != nil {
+			return nil, err
+		}
+		var old user
+		u, err := s.db.updateUser(req.Username, create, func(u *user) error {
+			if old = *u; create {
+				u.ID = newID()
+			}
+			s.apply(u, req.userFields, hash)
+			return nil
+		})
+		if err == nil && create {
+			return map[string]string{"id": u.ID}, nil
+		} else if err == nil && (u.Tenant != old.Tenant || u.NotBefore != old.NotBefore) {
+			s.hub.kick(u.Username) // streams of the old tenant, or of ended tokens, end
+		}
+		return u, err
 	}
-	hash, err := s.validate(r.Context(), req.Username, req.userFields)
-	if err != nil {
-		return nil, err
-	}
-	id := newID()
-	_, err = s.db.updateUser(req.Username, true, func(u *user) error {
-		u.ID = id
-		s.apply(u, req.userFields, hash)
-		return nil
-	})
-	return map[string]string{"id": id}, err
-}
-
-// updateUser changes the given fields; absent fields stay as they are.
-func (s *server) updateUser(r *http.Request, _ caller, req *createReq) (any, error) {
-	hash, err := s.validate(r.Context(), req.Username, req.userFields)
-	if err != nil {
-		return nil, err
-	}
-	var old user
-	u, err := s.db.updateUser(req.Username, false, func(u *user) error {
-		old = *u
-		s.apply(u, req.userFields, hash)
-		return nil
-	})
-	if err == nil && (u.Tenant != old.Tenant || u.NotBefore != old.NotBefore) {
-		s.hub.kick(u.Username) // streams of the old tenant, or of ended tokens, end
-	}
-	return u, err
 }
 
 func (s *server) loginUser(r *http.Request, _ caller, req *struct {
@@ -363,6 +359,7 @@ func (s *server) setRevoked(revoked bool) func(*http.Request, caller, *userReq) 
 			}
 			return nil
 		})
+		s.log.Warn("user revoked or let in again", "username", req.Username, "revoked", revoked, "err", err)
 		if revoked && err == nil {
 			s.hub.kick(req.Username)
 		} else if !revoked {

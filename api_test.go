@@ -128,3 +128,31 @@ func TestRevokeUnknownKeepsAdminStreams(t *testing.T) {
 	b.insert(b.login("alice"), "still", 1)
 	expect(t, s.next(), "still", "1", "1")
 }
+
+// TestSecurityEventsLogged: a throttled attempt, a wrong admin token and a revocation each
+// leave a log line with who and what, and no log line holds a password or token.
+func TestSecurityEventsLogged(t *testing.T) {
+	b := newTestBroker(t)
+	b.createUser("alice", "A")
+	jwt := b.login("alice")
+	b.must(200, "POST", "/revoke_user", obj{"admin_token": "letmein", "username": "alice"})
+	b.must(401, "POST", "/list_users", obj{"admin_token": "letmein-not"})
+	for range 25 {
+		b.do("POST", "/login", obj{"username": "alice", "password": "guess"})
+	}
+	logs := b.logs.String()
+	for _, want := range []string{
+		`msg="user revoked or let in again" username=alice revoked=true`,
+		`msg="wrong admin token" addr=127.0.0.1 path=/list_users`,
+		`level=WARN msg="request failed" method=POST path=/login addr=127.0.0.1 status=429`,
+	} {
+		if !strings.Contains(logs, want) {
+			t.Errorf("no log line with %q:\n%s", want, logs)
+		}
+	}
+	for _, secret := range []string{jwt, "pw-alice", "letmein", "guess"} {
+		if strings.Contains(logs, secret) {
+			t.Errorf("the logs hold %q:\n%s", secret, logs)
+		}
+	}
+}

@@ -31,6 +31,7 @@ type testBroker struct {
 	offset  atomic.Int64 // added to the real clock, nanoseconds
 	stopped bool
 	client  *http.Client // nil: http.DefaultClient
+	logs    *syncBuffer  // what the broker logged
 }
 
 func testConfig(t testing.TB) config {
@@ -49,8 +50,8 @@ func newTestBroker(t *testing.T, change ...func(*config)) *testBroker {
 	for _, c := range change {
 		c(&cfg)
 	}
-	b := &testBroker{t: t}
-	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	b := &testBroker{t: t, logs: &syncBuffer{}}
+	log := slog.New(slog.NewTextHandler(b.logs, nil))
 	s, err := newServer(cfg, log, func() time.Time { return time.Now().Add(time.Duration(b.offset.Load())) })
 	if err != nil {
 		t.Fatal(err)

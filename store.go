@@ -3,7 +3,6 @@ package main
 import (
 	"bytes"
 	"crypto/ed25519"
-	"crypto/rand"
 	"encoding/binary"
 	"encoding/json"
 	"errors"
@@ -138,7 +137,7 @@ func (st *store) rootKey() (key ed25519.PrivateKey, err error) {
 		if key = bytes.Clone(tx.Bucket(bucketMeta).Get([]byte("biscuit_root"))); len(key) == ed25519.PrivateKeySize {
 			return nil
 		}
-		_, key, _ = ed25519.GenerateKey(rand.Reader)
+		_, key, _ = ed25519.GenerateKey(nil) // nil: the system's secure random source
 		return tx.Bucket(bucketMeta).Put([]byte("biscuit_root"), key)
 	})
 	return key, err

@@ -29,9 +29,8 @@ type throttle struct {
 
 // tkey is what a throttle counts attempts against.
 type tkey struct {
-	digest   [32]byte // of the kind and value of the key
-	free     int      // failures before the first lock
-	parallel int      // attempts evaluated at once
+	digest         [32]byte // of the kind and value of the key
+	free, parallel int      // failures before the first lock; attempts evaluated at once
 }
 
 type strike struct {
