@@ -66,6 +66,8 @@ func TestAdminStream(t *testing.T) {
 	b.insert(ja, "live", true)
 	expect(t, s.next(), "live", "4", "true") // B's events never arrive
 
+	lower := openStream(t, url, http.DefaultClient, "Authorization", "bearer letmein") // the scheme in any case
+	expect(t, lower.next(), "b", "2", "2")
 	resumed := openStream(t, url, http.DefaultClient, append([]string{"Last-Event-ID", "1"}, adminBearer...)...)
 	for i, want := range []string{"b", "a", "live"} {
 		if ev := resumed.next(); ev.name != want || ev.id != []string{"2", "3", "4"}[i] {
@@ -79,8 +81,8 @@ func TestAdminStream(t *testing.T) {
 	b.must(200, "POST", "/create_user", obj{"admin_token": "letmein", "username": "amy", "password": "pw-amy", "tenant_name": "A"})
 	b.insert(b.login("amy"), "after", 5)
 	expect(t, s.next(), "after", "5", "5")
-	if n := b.openStreams(""); n != 2 {
-		t.Errorf("admin streams open: %d; want 2", n)
+	if n := b.openStreams(""); n != 3 {
+		t.Errorf("admin streams open: %d; want 3", n)
 	}
 }
 
@@ -101,6 +103,8 @@ func TestAdminStreamRefused(t *testing.T) {
 		{"?tenant=A", basic("carl", "pw-carl"), 401}, // nor do his password
 		{"?tenant=A&access_token=letmein", nil, 401}, // the admin token is never taken from a URL
 		{"?tenant=A", []string{"Authorization", "Bearer letmei"}, 401},
+		{"?tenant=A", []string{"Authorization", "letmein"}, 401}, // the scheme is required
+		{"?tenant=A", []string{"Authorization", "Basic letmein"}, 401},
 		{"?tenant=", adminBearer, 400},
 		{"?tenant=" + strings.Repeat("x", 65), adminBearer, 400},
 		{"?tenant=%0A", adminBearer, 400},

@@ -15,7 +15,6 @@ import (
 	"runtime"
 	"slices"
 	"strconv"
-	"strings"
 	"sync"
 	"time"
 	"unicode/utf16"
@@ -443,7 +442,7 @@ func (s *server) page(sub *subscriber, latest bool, after, upto uint64) (last ui
 func (s *server) handleSSE(w http.ResponseWriter, r *http.Request) {
 	q, u, exp, err := r.URL.Query(), &user{}, int64(1<<40), error(nil)
 	if u.Tenant = q.Get("tenant"); q.Has("tenant") { // the admin token is never taken from the URL
-		if err = s.checkAdmin(r, strings.TrimPrefix(r.Header.Get("Authorization"), "Bearer ")); err == nil && !validName(u.Tenant, false) {
+		if err = s.checkAdmin(r, bearerToken(r)); err == nil && !validName(u.Tenant, false) {
 			err = fmt.Errorf("%w: tenant must be 1-64 characters", errInvalid)
 		}
 	} else {

@@ -89,20 +89,27 @@ func parseBasic(h string) (username, password string, ok bool) {
 	return username, password, true
 }
 
+// bearerToken is the token of an "Authorization: Bearer" header (the scheme in any case), or "".
+func bearerToken(r *http.Request) string {
+	if h := r.Header.Get("Authorization"); len(h) > 7 && strings.EqualFold(h[:7], "bearer ") {
+		return h[7:]
+	}
+	return ""
+}
+
 // authenticate returns the current user behind the request's Authorization header, and
 // the expiry of its credentials. The user is read on every request, so revocation,
 // deletion and a new password apply at once.
 func (s *server) authenticate(r *http.Request) (*user, int64, error) {
-	h := r.Header.Get("Authorization")
-	if len(h) > 7 && strings.EqualFold(h[:7], "bearer ") {
-		c, err := verifyJWT(h[7:], []byte(s.cfg.jwtSecret), s.now())
+	if tok := bearerToken(r); tok != "" {
+		c, err := verifyJWT(tok, []byte(s.cfg.jwtSecret), s.now())
 		u, err2 := s.db.getUser(c.Sub) // after a failed verification c is empty: no user is named ""
 		if err != nil || err2 != nil || u.Revoked || c.Iat < u.NotBefore {
 			return nil, 0, errBadToken
 		}
 		return u, c.Exp, nil
 	}
-	name, password, ok := parseBasic(h)
+	name, password, ok := parseBasic(r.Header.Get("Authorization"))
 	if !ok {
 		return nil, 0, fmt.Errorf("%w: missing or malformed credentials", errUnauthorized)
 	}
