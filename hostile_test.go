@@ -638,6 +638,9 @@ func TestPanicsAnswered(t *testing.T) {
 			t.Errorf("GET %s: got %d %s; want %d %s", c.path, resp.StatusCode, got, want, c.body)
 		}
 	}
+	if want := `level=ERROR msg="request failed" method=GET path=/boom addr=127.0.0.1 status=500 err="panic: boom`; !strings.Contains(b.logs.String(), want) {
+		t.Errorf("no log line with %q:\n%s", want, b.logs)
+	}
 
 	c := newTestBroker(t)
 	c.createUser("a", "t")
