@@ -48,6 +48,7 @@ type config struct {
 	keyPath, certPath, acmeDirectory, db, ntpServer       string
 	secure, autoCert, passwordChecker, showVersion        bool
 	heartbeat                                             time.Duration
+	cluster                                               clusterConfig // -tags cluster only
 }
 
 func main() {
@@ -88,6 +89,7 @@ func parseConfig(args []string, env func(string) (string, bool), stderr io.Write
 	fs.IntVar(&c.maxUserStreams, "max_user_streams", 1000, "most event streams open at once per user")
 	fs.DurationVar(&c.heartbeat, "heartbeat", 30*time.Second, "silence after which a stream gets a keep-alive")
 	fs.BoolVar(&c.showVersion, "version", false, "print the version and exit")
+	c.cluster.flags(fs)
 	var errs []error
 	fs.VisitAll(func(f *flag.Flag) {
 		name := "BROKER_" + strings.ToUpper(f.Name)

@@ -70,7 +70,7 @@ func newHub(db *store, log *slog.Logger, cfg config) (*hub, error) {
 	for range runtime.GOMAXPROCS(0) { // a writer per core: fewer writers than streams are what lets events batch
 		h.loops.Go(func() { loop(h, h.work, (*subscriber).flush) })
 	}
-	return h, err
+	return h, cmp.Or(err, db.join(h, cfg.cluster))
 }
 
 // loop calls f with every value from c until the hub stops.
@@ -109,9 +109,7 @@ func (h *hub) commit(ev *event) {
 			ev.done <- err
 		}
 	}()
-	if err = h.db.appendEvents(evs); err == nil {
-		h.publish(evs)
-	}
+	err = h.db.appendEvents(evs, h.publish)
 }
 
 // publish hands committed events, in ID order, to their tenants' subscribers. Each frame
@@ -462,6 +460,11 @@ func (s *server) handleSSE(w http.ResponseWriter, r *http.Request) {
 	if r.Method == http.MethodHead {
 		return
 	}
+	// Last-Event-ID, or ?last_event_id=: browsers resend it on their own, so a malformed value
+	// is taken as absent rather than refused.
+	after, err := strconv.ParseUint(cmp.Or(r.Header.Get("Last-Event-ID"), q.Get("last_event_id")), 10, 64)
+	latest := err != nil
+	s.db.await(u.Tenant, after)
 	// The credentials' expiry, moved from the NTP clock to the local one of the sweep.
 	sub, upto, err := s.hub.subscribe(u, time.Now().Add(time.Unix(exp, 0).Sub(s.now())))
 	if errors.Is(err, errBusy) {
@@ -501,11 +504,7 @@ func (s *server) handleSSE(w http.ResponseWriter, r *http.Request) {
 		sub.w = w
 		http.NewResponseController(w).Flush()
 	}
-	// Last-Event-ID, or ?last_event_id=: browsers resend it on their own, so a malformed value
-	// is taken as absent rather than refused.
-	after, err := strconv.ParseUint(cmp.Or(r.Header.Get("Last-Event-ID"), r.URL.Query().Get("last_event_id")), 10, 64)
-	latest := err != nil || after > upto
-	if latest {
+	if latest = latest || after > upto; latest {
 		after = 0
 	}
 	for {

@@ -15,10 +15,6 @@ import (
 	berrors "go.etcd.io/bbolt/errors"
 )
 
-// store is broker's embedded database: one bbolt file in the --db folder, opened with
-// bbolt's defaults (never NoSync), so a write that returned has been fsync'd.
-type store struct{ db *bolt.DB }
-
 var (
 	bucketUsers  = []byte("users")  // username -> JSON user with its secrets
 	bucketEvents = []byte("events") // tenant -> (big-endian ID -> name "\n" JSON data)
@@ -61,8 +57,6 @@ func createBuckets(tx *bolt.Tx) error {
 	return nil
 }
 
-func (st *store) close() error { return st.db.Close() }
-
 // storedUser is a user as kept in the database: the answer fields and the secrets.
 type storedUser struct {
 	*user
@@ -91,26 +85,22 @@ func (st *store) getUser(name string) (u *user, err error) {
 }
 
 // updateUser reads user name (a new user when create is set: a taken name is errInvalid),
-// lets change modify it and writes it back, all in one transaction, so check-and-set rules
-// such as one-time codes cannot race. An error from change aborts the update; an unknown
-// name is errNotFound.
+// lets change modify it and writes it back as one change (store.put), so check-and-set
+// rules such as one-time codes cannot race. An error from change aborts the update; an
+// unknown name is errNotFound.
 func (st *store) updateUser(name string, create bool, change func(*user) error) (u *user, err error) {
-	err = st.db.Update(func(tx *bolt.Tx) error {
-		b := tx.Bucket(bucketUsers)
-		v := b.Get([]byte(name))
+	err = st.put(bucketUsers, []byte(name), func(v []byte) ([]byte, error) {
 		if u, err = decodeUser(v); create && v != nil {
-			return fmt.Errorf("%w: username taken", errInvalid)
+			return nil, fmt.Errorf("%w: username taken", errInvalid)
 		} else if create {
 			u = &user{Username: name}
 		} else if err != nil {
-			return err
+			return nil, err
 		}
-		if err := change(u); err != nil {
-			return err
-		} else if v, err = json.Marshal(storedUser{u, &u.secrets}); err != nil {
-			return err
+		if err = change(u); err != nil {
+			return nil, err
 		}
-		return b.Put([]byte(name), v)
+		return json.Marshal(storedUser{u, &u.secrets})
 	})
 	return u, err
 }
@@ -133,12 +123,11 @@ func (st *store) listUsers(tenant string) ([]*user, error) {
 // rootKey returns the biscuit root private key, generated on first use and kept in the
 // database, so services that pinned its public key keep working across restarts.
 func (st *store) rootKey() (key ed25519.PrivateKey, err error) {
-	err = st.db.Update(func(tx *bolt.Tx) error {
-		if key = bytes.Clone(tx.Bucket(bucketMeta).Get([]byte("biscuit_root"))); len(key) == ed25519.PrivateKeySize {
-			return nil
+	err = st.put(bucketMeta, []byte("biscuit_root"), func(v []byte) ([]byte, error) {
+		if key = bytes.Clone(v); len(key) != ed25519.PrivateKeySize {
+			_, key, _ = ed25519.GenerateKey(nil) // nil: the system's secure random source
 		}
-		_, key, _ = ed25519.GenerateKey(nil) // nil: the system's secure random source
-		return tx.Bucket(bucketMeta).Put([]byte("biscuit_root"), key)
+		return key, nil
 	})
 	return key, err
 }
@@ -151,32 +140,30 @@ type event struct {
 	done         chan error // the hub answers the insert here once the event is committed
 }
 
-// appendEvents commits a batch of events in one transaction (one pair of fsyncs for the
-// whole batch) and sets each event's ID to the next number of its tenant's sequence.
-func (st *store) appendEvents(evs []*event) error {
-	return st.db.Update(func(tx *bolt.Tx) error {
-		for _, ev := range evs {
-			t := []byte(ev.Tenant)
-			events, err1 := tx.Bucket(bucketEvents).CreateBucketIfNotExists(t)
-			latest, err2 := tx.Bucket(bucketLatest).CreateBucketIfNotExists(t)
-			index, err3 := tx.Bucket(bucketSync).CreateBucketIfNotExists(t)
-			if err := errors.Join(err1, err2, err3); err != nil {
-				return err
-			}
-			ev.ID, _ = events.NextSequence() // fails only in a read-only transaction
-			key, name := binary.BigEndian.AppendUint64(nil, ev.ID), []byte(ev.Name)
-			if prev := latest.Get(name); prev != nil {
-				if err := index.Delete(prev); err != nil {
-					return err
-				}
-			}
-			v := append(append(append(make([]byte, 0, len(name)+1+len(ev.Data)), name...), '\n'), ev.Data...)
-			if err := errors.Join(events.Put(key, v), latest.Put(name, key), index.Put(key, name)); err != nil {
+// appendTx writes events in tx, setting each event's ID to the next number of its
+// tenant's sequence.
+func appendTx(tx *bolt.Tx, evs []*event) error {
+	for _, ev := range evs {
+		t := []byte(ev.Tenant)
+		events, err1 := tx.Bucket(bucketEvents).CreateBucketIfNotExists(t)
+		latest, err2 := tx.Bucket(bucketLatest).CreateBucketIfNotExists(t)
+		index, err3 := tx.Bucket(bucketSync).CreateBucketIfNotExists(t)
+		if err := errors.Join(err1, err2, err3); err != nil {
+			return err
+		}
+		ev.ID, _ = events.NextSequence() // fails only in a read-only transaction
+		key, name := binary.BigEndian.AppendUint64(nil, ev.ID), []byte(ev.Name)
+		if prev := latest.Get(name); prev != nil {
+			if err := index.Delete(prev); err != nil {
 				return err
 			}
 		}
-		return nil
-	})
+		v := append(append(append(make([]byte, 0, len(name)+1+len(ev.Data)), name...), '\n'), ev.Data...)
+		if err := errors.Join(events.Put(key, v), latest.Put(name, key), index.Put(key, name)); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // sequences returns the last event ID of every tenant.

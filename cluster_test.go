@@ -1,0 +1,393 @@
+//go:build cluster
+
+package main
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	natsserver "github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+// startNATS starts a JetStream cluster of n servers on loopback and returns them and their
+// client URLs, comma-separated, once JetStream takes streams.
+func startNATS(t testing.TB, n int) ([]*natsserver.Server, string) {
+	t.Helper()
+	var lns []net.Listener
+	var routes, urls []string
+	for range n { // free ports for the routes between the servers
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		lns = append(lns, ln)
+		routes = append(routes, "nats://"+ln.Addr().String())
+	}
+	for _, ln := range lns {
+		ln.Close()
+	}
+	var servers []*natsserver.Server
+	for i := range n {
+		s, err := natsserver.NewServer(&natsserver.Options{
+			ServerName: fmt.Sprint("n", i), Host: "127.0.0.1", Port: -1, NoLog: true, NoSigs: true,
+			JetStream: true, StoreDir: t.TempDir(),
+			Cluster: natsserver.ClusterOpts{Name: "broker-test", Host: "127.0.0.1", Port: lns[i].Addr().(*net.TCPAddr).Port},
+			Routes:  natsserver.RoutesFromStr(strings.Join(routes, ",")),
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		s.Start()
+		t.Cleanup(s.Shutdown)
+		servers = append(servers, s)
+	}
+	for _, s := range servers {
+		if !s.ReadyForConnections(10 * time.Second) {
+			t.Fatal("nats server not ready within 10 s")
+		}
+		urls = append(urls, s.ClientURL())
+	}
+	nc, err := nats.Connect(strings.Join(urls, ","))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	js, _ := jetstream.New(nc)
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(50 * time.Millisecond) { // polling, bounded by the deadline
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		_, err := js.AccountInfo(ctx)
+		cancel()
+		if err == nil {
+			break
+		} else if time.Now().After(deadline) {
+			t.Fatal("jetstream cluster not ready within 30 s:", err)
+		}
+	}
+	return servers, strings.Join(urls, ",")
+}
+
+// clusterNode starts a broker on the cluster at urls, with its view in db (a new folder
+// when empty).
+func clusterNode(t *testing.T, urls, db string) *testBroker {
+	t.Helper()
+	return newTestBroker(t, func(c *config) {
+		c.cluster = clusterConfig{nats: urls, stream: "broker", replicas: 3}
+		if db != "" {
+			c.db = db
+		}
+	})
+}
+
+// known waits until b's view holds user name (changes reach the other nodes in the time
+// they take to apply the log).
+func known(t *testing.T, b *testBroker, name string) {
+	t.Helper()
+	waitFor(t, 10*time.Second, "user "+name+" on another node", func() bool {
+		code, _ := b.do("POST", "/get_user", obj{"admin_token": "letmein", "username": name})
+		return code == 200
+	})
+}
+
+func TestClusterSharesOneLog(t *testing.T) {
+	_, urls := startNATS(t, 3)
+	a, b, c := clusterNode(t, urls, ""), clusterNode(t, urls, ""), clusterNode(t, urls, "")
+
+	// A user created on A logs in on B; every node has the same biscuit key.
+	a.createUser("alice", "acme")
+	known(t, b, "alice")
+	jwt := b.login("alice")
+	keyA := a.must(200, "GET", "/verify", nil, bearer(jwt)...)["key"]
+	if keyB := b.must(200, "GET", "/verify", nil, bearer(jwt)...)["key"]; fmt.Sprint(keyA) != fmt.Sprint(keyB) {
+		t.Errorf("biscuit keys differ: %v and %v", keyA, keyB)
+	}
+
+	// An insert on B reaches streams on A, B and C with the same ID.
+	streams := []*stream{a.stream(bearer(jwt)...), b.stream(bearer(jwt)...), c.stream(bearer(jwt)...)}
+	id := b.insert(jwt, "news", obj{"n": 1})
+	for _, st := range streams {
+		expect(t, st.next(), "news", fmt.Sprint(id), `{"n":1}`)
+	}
+
+	// Inserts on all three nodes: every stream sees them all in the same order.
+	var ids []uint64
+	for i, n := range []*testBroker{a, b, c, a, c, b} {
+		ids = append(ids, n.insert(jwt, "news", obj{"n": i + 2}))
+	}
+	for _, st := range streams {
+		for i, want := range ids {
+			expect(t, st.next(), "news", fmt.Sprint(want), fmt.Sprintf(`{"n":%d}`, i+2))
+		}
+	}
+
+	// A stream moved from A to C with Last-Event-ID misses nothing and repeats nothing.
+	streams[0].resp.Body.Close()
+	last := ids[len(ids)-1]
+	more := []uint64{b.insert(jwt, "news", obj{"n": 100}), a.insert(jwt, "news", obj{"n": 101})}
+	moved := c.stream(append(bearer(jwt), "Last-Event-ID", fmt.Sprint(last))...)
+	for i, want := range more {
+		expect(t, moved.next(), "news", fmt.Sprint(want), fmt.Sprintf(`{"n":%d}`, 100+i))
+	}
+
+	// A revocation on C ends the user's streams on A and B.
+	onA := a.stream(bearer(jwt)...)
+	start := time.Now()
+	c.must(200, "POST", "/revoke_user", obj{"admin_token": "letmein", "username": "alice"})
+	onA.ended()
+	streams[1].ended()
+	t.Logf("a revocation on C ended the stream on A in %v", time.Since(start))
+	waitFor(t, 10*time.Second, "revocation applied on A", func() bool {
+		code, _ := a.do("GET", "/verify", nil, bearer(jwt)...)
+		return code == 401
+	})
+
+	// Two nodes creating the same username at once: exactly one wins, on every node.
+	for round := range 5 {
+		name := fmt.Sprint("dup", round)
+		codes := make([]int, 2)
+		var wg sync.WaitGroup
+		barrier := make(chan struct{})
+		for i, n := range []*testBroker{a, b} {
+			wg.Go(func() {
+				<-barrier
+				codes[i], _ = n.do("POST", "/create_user", obj{"username": name, "password": fmt.Sprint("pw-", i), "admin_token": "letmein", "tenant_name": fmt.Sprint("t", i)})
+			})
+		}
+		close(barrier)
+		wg.Wait()
+		if slices.Sort(codes); codes[0] != 200 || codes[1] != 400 {
+			t.Fatalf("round %d: two creates of one name answered %v; want one 200 and one 400", round, codes)
+		}
+		known(t, c, name)
+		var tenants []any
+		for _, n := range []*testBroker{a, b, c} {
+			waitFor(t, 10*time.Second, "the user on every node", func() bool {
+				code, _ := n.do("POST", "/get_user", obj{"admin_token": "letmein", "username": name})
+				return code == 200
+			})
+			tenants = append(tenants, n.must(200, "POST", "/get_user", obj{"admin_token": "letmein", "username": name})["tenant_name"])
+		}
+		if tenants[0] != tenants[1] || tenants[1] != tenants[2] {
+			t.Fatalf("round %d: the nodes disagree on the winner: tenants %v", round, tenants)
+		}
+	}
+}
+
+// history reads every event of jwt's tenant from b (a stream from ID 0) until it holds
+// want events, and returns their IDs and data.
+func history(t *testing.T, b *testBroker, jwt string, want int) map[uint64]string {
+	t.Helper()
+	st := b.stream(append(bearer(jwt), "Last-Event-ID", "0")...)
+	defer st.resp.Body.Close()
+	got := map[uint64]string{}
+	for len(got) < want {
+		ev := st.next()
+		id, _ := strconv.ParseUint(ev.id, 10, 64)
+		if _, dup := got[id]; dup {
+			t.Fatalf("event %d twice", id)
+		}
+		got[id] = ev.data
+	}
+	return got
+}
+
+func TestClusterFaults(t *testing.T) {
+	servers, urls := startNATS(t, 3)
+	a, b := clusterNode(t, urls, ""), clusterNode(t, urls, "")
+	a.createUser("bob", "acme")
+	known(t, b, "bob")
+	jwt := a.login("bob")
+	acked := map[uint64]string{} // every insert answered with an ID
+	insert := func(n *testBroker, i int) {
+		data := fmt.Sprintf(`{"i":%d}`, i)
+		id := n.insert(jwt, "e", obj{"i": i})
+		if _, dup := acked[id]; dup {
+			t.Fatalf("ID %d given twice", id)
+		}
+		acked[id] = data
+	}
+	onA := a.stream(bearer(jwt)...)
+	for i := range 10 {
+		insert([]*testBroker{a, b}[i%2], i)
+	}
+
+	// A NATS server goes: the log, with three replicas, stays available.
+	servers[0].Shutdown()
+	servers[0].WaitForShutdown()
+	for i := range 10 {
+		insert([]*testBroker{a, b}[i%2], 10+i)
+	}
+
+	// Broker A goes: its client resumes on B from its last ID, with no loss.
+	var seen []uint64
+	for len(seen) < 20 {
+		id, _ := strconv.ParseUint(onA.next().id, 10, 64)
+		seen = append(seen, id)
+	}
+	a.stop()
+	onA.ended()
+	insert(b, 20)
+	onB := b.stream(append(bearer(jwt), "Last-Event-ID", fmt.Sprint(seen[len(seen)-1]))...)
+	if ev := onB.next(); ev.id != "21" || ev.data != `{"i":20}` {
+		t.Fatalf("resumed on B with %q %q; want 21 {\"i\":20}", ev.id, ev.data)
+	}
+
+	// A node restarted with a wiped view rebuilds it from the log: the same IDs and data.
+	c := clusterNode(t, urls, "")
+	for i := range 5 {
+		insert([]*testBroker{b, c}[i%2], 21+i)
+	}
+	for _, n := range []*testBroker{b, c} {
+		got := history(t, n, jwt, len(acked))
+		for id, data := range acked {
+			if got[id] != data {
+				t.Errorf("event %d is %q on a node; acknowledged as %q", id, got[id], data)
+			}
+		}
+	}
+	// A restart on its own view goes on from where the view was.
+	dir := c.s.cfg.db
+	c.stop()
+	insert(b, 26)
+	c2 := clusterNode(t, urls, dir)
+	insert(c2, 27)
+	if got := history(t, c2, jwt, len(acked)); len(got) != 28 {
+		t.Errorf("restarted node holds %d events; want 28", len(got))
+	}
+}
+
+// TestClusterRefusesForeignDatabase: a database not built from the log would differ from
+// the other views, so a node refuses to start on it.
+func TestClusterRefusesForeignDatabase(t *testing.T) {
+	_, urls := startNATS(t, 3)
+	solo := newTestBroker(t)
+	solo.createUser("carol", "acme")
+	dir := solo.s.cfg.db
+	solo.stop()
+	cfg := testConfig(t)
+	cfg.db, cfg.cluster = dir, clusterConfig{nats: urls, stream: "broker", replicas: 3}
+	if _, err := newServer(cfg, slog.New(slog.NewTextHandler(io.Discard, nil)), time.Now); err == nil || !strings.Contains(err.Error(), "not built from log") {
+		t.Fatalf("a database made without the log: got %v; want refused", err)
+	}
+}
+
+// BenchmarkClusterInsert measures inserts per second over 32 concurrent clients spread
+// over the nodes, and the time from an insert's answer to its delivery on a stream of
+// another node (p50, p99): on one node without NATS (fsync'd), and on three nodes sharing
+// a three-replica log.
+func BenchmarkClusterInsert(bm *testing.B) {
+	for _, nodes := range []int{1, 3} {
+		bm.Run(fmt.Sprint("nodes=", nodes), func(bm *testing.B) {
+			urls := ""
+			if nodes > 1 {
+				_, urls = startNATS(bm, 3)
+			}
+			var bases []string
+			for range nodes {
+				cfg := testConfig(bm)
+				cfg.cluster = clusterConfig{nats: urls, stream: "broker", replicas: 3}
+				s, err := newServer(cfg, slog.New(slog.NewTextHandler(io.Discard, nil)), time.Now)
+				if err != nil {
+					bm.Fatal(err)
+				}
+				ts := httptest.NewServer(s.routes())
+				bm.Cleanup(func() { s.hub.closeStreams(); ts.Close(); s.close() })
+				bases = append(bases, ts.URL)
+			}
+			benchInserts(bm, bases)
+		})
+	}
+}
+
+// benchInserts runs bm.N inserts from 32 clients over the nodes at bases and reports the
+// inserts per second and the delivery delays on a stream of the last node.
+func benchInserts(bm *testing.B, bases []string) {
+	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 64}}
+	post := func(base, path, body string, hdr ...string) (int, []byte) {
+		req, _ := http.NewRequest("POST", base+path, strings.NewReader(body))
+		if len(hdr) == 2 {
+			req.Header.Set(hdr[0], hdr[1])
+		}
+		resp, err := client.Do(req)
+		if err != nil {
+			return 0, nil
+		}
+		defer resp.Body.Close()
+		out, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, out
+	}
+	if code, out := post(bases[0], "/create_user", `{"username":"bench","password":"pw-bench","admin_token":"letmein","tenant_name":"bench"}`); code != 200 {
+		bm.Fatalf("create_user: %d %s", code, out)
+	}
+	var jwt struct{ JWT string }
+	for deadline := time.Now().Add(10 * time.Second); jwt.JWT == ""; time.Sleep(10 * time.Millisecond) { // polling, bounded by the deadline
+		if code, _ := post(bases[len(bases)-1], "/get_user", `{"admin_token":"letmein","username":"bench"}`); code == 200 {
+			_, out := post(bases[len(bases)-1], "/login", `{"username":"bench","password":"pw-bench"}`)
+			json.Unmarshal(out, &jwt)
+		} else if time.Now().After(deadline) {
+			bm.Fatal("the user did not reach the last node")
+		}
+	}
+	req, _ := http.NewRequest("GET", bases[len(bases)-1]+"/sse", nil)
+	req.Header.Set("Authorization", "Bearer "+jwt.JWT)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		bm.Fatal(err)
+	}
+	defer resp.Body.Close()
+	delays, all := make([]time.Duration, 0, bm.N), make(chan struct{})
+	go func() {
+		r := bufio.NewReader(resp.Body)
+		for len(delays) < bm.N {
+			line, err := r.ReadString('\n')
+			if err != nil {
+				return
+			}
+			var d struct{ T int64 }
+			if strings.HasPrefix(line, "data:") && json.Unmarshal([]byte(line[5:]), &d) == nil {
+				delays = append(delays, time.Since(time.Unix(0, d.T)))
+			}
+		}
+		close(all)
+	}()
+	var next, failed atomic.Int64
+	var wg sync.WaitGroup
+	bm.ResetTimer()
+	start := time.Now()
+	for range 32 {
+		wg.Go(func() {
+			for i := next.Add(1); i <= int64(bm.N); i = next.Add(1) {
+				body := fmt.Sprintf(`{"event":"e","data":{"t":%d}}`, time.Now().UnixNano())
+				if code, _ := post(bases[int(i)%len(bases)], "/insert", body, "Authorization", "Bearer "+jwt.JWT); code != 200 {
+					failed.Add(1)
+				}
+			}
+		})
+	}
+	wg.Wait()
+	elapsed := time.Since(start)
+	if failed.Load() > 0 {
+		bm.Fatalf("%d inserts failed", failed.Load())
+	}
+	<-all
+	bm.StopTimer()
+	slices.Sort(delays)
+	bm.ReportMetric(float64(bm.N)/elapsed.Seconds(), "inserts/s")
+	bm.ReportMetric(float64(delays[len(delays)/2].Microseconds())/1000, "p50-ms")
+	bm.ReportMetric(float64(delays[len(delays)*99/100].Microseconds())/1000, "p99-ms")
+}
