@@ -126,10 +126,11 @@ func (st *store) start(r *replica, c clusterConfig) (last uint64, err error) {
 	st.db.View(func(tx *bolt.Tx) error {
 		if v := tx.Bucket(bucketMeta).Get(logSeq); v != nil {
 			r.applied = binary.BigEndian.Uint64(v)
-		} else { // users or events not from the log: the other nodes' views lack them
-			k, _ := tx.Bucket(bucketUsers).Cursor().First()
-			t, _ := tx.Bucket(bucketEvents).Cursor().First()
-			foreign = k != nil || t != nil
+		} else { // made without the log: the other nodes lack its users, events and biscuit key
+			for _, b := range [][]byte{bucketUsers, bucketEvents, bucketMeta} {
+				k, _ := tx.Bucket(b).Cursor().First()
+				foreign = foreign || k != nil
+			}
 		}
 		return nil
 	})

@@ -12,6 +12,8 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"os"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
@@ -144,6 +146,22 @@ func TestClusterSharesOneLog(t *testing.T) {
 		expect(t, moved.next(), "news", fmt.Sprint(want), fmt.Sprintf(`{"n":%d}`, 100+i))
 	}
 
+	// A stream resuming on a node waits until its view holds the stream's Last-Event-ID.
+	lastOn := func(n *testBroker) uint64 {
+		n.s.hub.mu.Lock()
+		defer n.s.hub.mu.Unlock()
+		return n.s.hub.lastID["acme"]
+	}
+	next, held := lastOn(c)+1, make(chan uint64)
+	go func() {
+		c.s.db.await("acme", next)
+		held <- lastOn(c)
+	}()
+	a.insert(jwt, "news", obj{"n": 102})
+	if got := <-held; got < next {
+		t.Errorf("await returned with the view at %d; want %d", got, next)
+	}
+
 	// A revocation on C ends the user's streams on A and B.
 	onA := a.stream(bearer(jwt)...)
 	start := time.Now()
@@ -157,7 +175,7 @@ func TestClusterSharesOneLog(t *testing.T) {
 	})
 
 	// Two nodes creating the same username at once: exactly one wins, on every node.
-	for round := range 5 {
+	for round := range 10 {
 		name := fmt.Sprint("dup", round)
 		codes := make([]int, 2)
 		var wg sync.WaitGroup
@@ -226,9 +244,21 @@ func TestClusterFaults(t *testing.T) {
 		insert([]*testBroker{a, b}[i%2], i)
 	}
 
-	// A NATS server goes: the log, with three replicas, stays available.
-	servers[0].Shutdown()
-	servers[0].WaitForShutdown()
+	// The NATS server leading the log's stream goes: the log, with three replicas, stays
+	// available once the other two have elected a leader.
+	nc, err := nats.Connect(urls)
+	if err != nil {
+		t.Fatal(err)
+	}
+	js, _ := jetstream.New(nc)
+	stream, err := js.Stream(context.Background(), "broker")
+	nc.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	leader := slices.IndexFunc(servers, func(s *natsserver.Server) bool { return s.Name() == stream.CachedInfo().Cluster.Leader })
+	servers[leader].Shutdown()
+	servers[leader].WaitForShutdown()
 	for i := range 10 {
 		insert([]*testBroker{a, b}[i%2], 10+i)
 	}
@@ -252,38 +282,55 @@ func TestClusterFaults(t *testing.T) {
 	for i := range 5 {
 		insert([]*testBroker{b, c}[i%2], 21+i)
 	}
-	for _, n := range []*testBroker{b, c} {
-		got := history(t, n, jwt, len(acked))
-		for id, data := range acked {
-			if got[id] != data {
-				t.Errorf("event %d is %q on a node; acknowledged as %q", id, got[id], data)
+	sameHistory := func(nodes ...*testBroker) {
+		t.Helper()
+		for _, n := range nodes {
+			got := history(t, n, jwt, len(acked))
+			for id, data := range acked {
+				if got[id] != data {
+					t.Errorf("event %d is %q on a node; acknowledged as %q", id, got[id], data)
+				}
 			}
 		}
 	}
+	sameHistory(b, c)
 	// A restart on its own view goes on from where the view was.
 	dir := c.s.cfg.db
 	c.stop()
 	insert(b, 26)
 	c2 := clusterNode(t, urls, dir)
 	insert(c2, 27)
-	if got := history(t, c2, jwt, len(acked)); len(got) != 28 {
-		t.Errorf("restarted node holds %d events; want 28", len(got))
+	sameHistory(b, c2)
+
+	// A node started from a peer's backup goes on from the log position the backup holds.
+	_, snap := b.do("POST", "/backup", obj{"admin_token": "letmein"})
+	seeded := t.TempDir()
+	if err := os.WriteFile(filepath.Join(seeded, "broker.db"), snap, 0o600); err != nil {
+		t.Fatal(err)
 	}
+	insert(b, 28)
+	d := clusterNode(t, urls, seeded)
+	insert(d, 29)
+	sameHistory(b, d)
 }
 
 // TestClusterRefusesForeignDatabase: a database not built from the log would differ from
 // the other views, so a node refuses to start on it.
 func TestClusterRefusesForeignDatabase(t *testing.T) {
 	_, urls := startNATS(t, 3)
-	solo := newTestBroker(t)
-	solo.createUser("carol", "acme")
-	dir := solo.s.cfg.db
-	solo.stop()
-	cfg := testConfig(t)
-	cfg.db, cfg.cluster = dir, clusterConfig{nats: urls, stream: "broker", replicas: 3}
-	if _, err := newServer(cfg, slog.New(slog.NewTextHandler(io.Discard, nil)), time.Now); err == nil || !strings.Contains(err.Error(), "not built from log") {
-		t.Fatalf("a database made without the log: got %v; want refused", err)
+	for _, users := range []int{0, 1} { // one started once has its own biscuit key
+		solo := newTestBroker(t)
+		for i := range users {
+			solo.createUser(fmt.Sprint("carol", i), "acme")
+		}
+		solo.stop()
+		cfg := testConfig(t)
+		cfg.db, cfg.cluster = solo.s.cfg.db, clusterConfig{nats: urls, stream: "broker", replicas: 3}
+		if _, err := newServer(cfg, slog.New(slog.NewTextHandler(io.Discard, nil)), time.Now); err == nil || !strings.Contains(err.Error(), "not built from log") {
+			t.Fatalf("a database made without the log, with %d users: got %v; want refused", users, err)
+		}
 	}
+	clusterNode(t, urls, "") // an empty folder is a new view
 }
 
 // BenchmarkClusterInsert measures inserts per second over 32 concurrent clients spread
@@ -299,57 +346,108 @@ func BenchmarkClusterInsert(bm *testing.B) {
 			}
 			var bases []string
 			for range nodes {
-				cfg := testConfig(bm)
-				cfg.cluster = clusterConfig{nats: urls, stream: "broker", replicas: 3}
-				s, err := newServer(cfg, slog.New(slog.NewTextHandler(io.Discard, nil)), time.Now)
-				if err != nil {
-					bm.Fatal(err)
-				}
-				ts := httptest.NewServer(s.routes())
-				bm.Cleanup(func() { s.hub.closeStreams(); ts.Close(); s.close() })
-				bases = append(bases, ts.URL)
+				bases = append(bases, benchNode(bm, urls))
 			}
 			benchInserts(bm, bases)
 		})
 	}
 }
 
-// benchInserts runs bm.N inserts from 32 clients over the nodes at bases and reports the
-// inserts per second and the delivery delays on a stream of the last node.
-func benchInserts(bm *testing.B, bases []string) {
-	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 64}}
-	post := func(base, path, body string, hdr ...string) (int, []byte) {
-		req, _ := http.NewRequest("POST", base+path, strings.NewReader(body))
-		if len(hdr) == 2 {
-			req.Header.Set(hdr[0], hdr[1])
-		}
-		resp, err := client.Do(req)
-		if err != nil {
-			return 0, nil
-		}
-		defer resp.Body.Close()
-		out, _ := io.ReadAll(resp.Body)
-		return resp.StatusCode, out
+// benchNode starts a broker on the cluster at urls (none: alone) and returns its URL.
+func benchNode(bm *testing.B, urls string) string {
+	cfg := testConfig(bm)
+	cfg.cluster = clusterConfig{nats: urls, stream: "broker", replicas: 3}
+	s, err := newServer(cfg, slog.New(slog.NewTextHandler(io.Discard, nil)), time.Now)
+	if err != nil {
+		bm.Fatal(err)
 	}
-	if code, out := post(bases[0], "/create_user", `{"username":"bench","password":"pw-bench","admin_token":"letmein","tenant_name":"bench"}`); code != 200 {
+	ts := httptest.NewServer(s.routes())
+	bm.Cleanup(func() { s.hub.closeStreams(); ts.Close(); s.close() })
+	return ts.URL
+}
+
+// benchPost sends a POST and returns the status and the answer.
+func benchPost(client *http.Client, url, body string, hdr ...string) (int, []byte) {
+	req, _ := http.NewRequest("POST", url, strings.NewReader(body))
+	if len(hdr) == 2 {
+		req.Header.Set(hdr[0], hdr[1])
+	}
+	resp, err := client.Do(req)
+	if err != nil {
+		return 0, nil
+	}
+	defer resp.Body.Close()
+	out, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, out
+}
+
+// benchUser creates user name on the first node and returns its JWT from the last.
+func benchUser(bm *testing.B, bases []string, name string) string {
+	if code, out := benchPost(http.DefaultClient, bases[0]+"/create_user", `{"username":"`+name+`","password":"pw-bench","admin_token":"letmein","tenant_name":"bench"}`); code != 200 {
 		bm.Fatalf("create_user: %d %s", code, out)
 	}
 	var jwt struct{ JWT string }
 	for deadline := time.Now().Add(10 * time.Second); jwt.JWT == ""; time.Sleep(10 * time.Millisecond) { // polling, bounded by the deadline
-		if code, _ := post(bases[len(bases)-1], "/get_user", `{"admin_token":"letmein","username":"bench"}`); code == 200 {
-			_, out := post(bases[len(bases)-1], "/login", `{"username":"bench","password":"pw-bench"}`)
+		if code, _ := benchPost(http.DefaultClient, bases[len(bases)-1]+"/get_user", `{"admin_token":"letmein","username":"`+name+`"}`); code == 200 {
+			_, out := benchPost(http.DefaultClient, bases[len(bases)-1]+"/login", `{"username":"`+name+`","password":"pw-bench"}`)
 			json.Unmarshal(out, &jwt)
 		} else if time.Now().After(deadline) {
 			bm.Fatal("the user did not reach the last node")
 		}
 	}
-	req, _ := http.NewRequest("GET", bases[len(bases)-1]+"/sse", nil)
-	req.Header.Set("Authorization", "Bearer "+jwt.JWT)
+	return jwt.JWT
+}
+
+// benchStream opens a stream of jwt's tenant on base.
+func benchStream(bm *testing.B, base, jwt string) *http.Response {
+	req, _ := http.NewRequest("GET", base+"/sse", nil)
+	req.Header.Set("Authorization", "Bearer "+jwt)
 	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		bm.Fatal(err)
+	if err != nil || resp.StatusCode != 200 {
+		bm.Fatal("GET /sse:", err, resp)
 	}
-	defer resp.Body.Close()
+	bm.Cleanup(func() { resp.Body.Close() })
+	return resp
+}
+
+// BenchmarkClusterRevocation measures the time from a revocation sent to node C to the end
+// of the user's stream on node A.
+func BenchmarkClusterRevocation(bm *testing.B) {
+	_, urls := startNATS(bm, 3)
+	a, c := benchNode(bm, urls), benchNode(bm, urls)
+	jwt := benchUser(bm, []string{a, a}, "rev")
+	var delays []time.Duration
+	for range bm.N {
+		resp := benchStream(bm, a, jwt)
+		start := time.Now()
+		if code, out := benchPost(http.DefaultClient, c+"/revoke_user", `{"admin_token":"letmein","username":"rev"}`); code != 200 {
+			bm.Fatalf("revoke: %d %s", code, out)
+		}
+		io.Copy(io.Discard, resp.Body) // until the stream ends
+		delays = append(delays, time.Since(start))
+		benchPost(http.DefaultClient, c+"/unrevoke_user", `{"admin_token":"letmein","username":"rev"}`)
+		var u struct{ Revoked bool }
+		for u.Revoked = true; u.Revoked; time.Sleep(time.Millisecond) { // polling until A applied the unrevoke
+			_, out := benchPost(http.DefaultClient, a+"/get_user", `{"admin_token":"letmein","username":"rev"}`)
+			json.Unmarshal(out, &u)
+		}
+		_, out := benchPost(http.DefaultClient, a+"/login", `{"username":"rev","password":"pw-bench"}`)
+		var j struct{ JWT string }
+		json.Unmarshal(out, &j)
+		jwt = j.JWT
+	}
+	slices.Sort(delays)
+	bm.ReportMetric(float64(delays[len(delays)/2].Microseconds())/1000, "p50-ms")
+	bm.ReportMetric(float64(delays[len(delays)*99/100].Microseconds())/1000, "p99-ms")
+	bm.ReportMetric(0, "ns/op")
+}
+
+// benchInserts runs bm.N inserts from 32 clients over the nodes at bases and reports the
+// inserts per second and the delivery delays on a stream of the last node.
+func benchInserts(bm *testing.B, bases []string) {
+	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 64}}
+	jwt := benchUser(bm, bases, "bench")
+	resp := benchStream(bm, bases[len(bases)-1], jwt)
 	delays, all := make([]time.Duration, 0, bm.N), make(chan struct{})
 	go func() {
 		r := bufio.NewReader(resp.Body)
@@ -373,7 +471,7 @@ func benchInserts(bm *testing.B, bases []string) {
 		wg.Go(func() {
 			for i := next.Add(1); i <= int64(bm.N); i = next.Add(1) {
 				body := fmt.Sprintf(`{"event":"e","data":{"t":%d}}`, time.Now().UnixNano())
-				if code, _ := post(bases[int(i)%len(bases)], "/insert", body, "Authorization", "Bearer "+jwt.JWT); code != 200 {
+				if code, _ := benchPost(client, bases[int(i)%len(bases)]+"/insert", body, "Authorization", "Bearer "+jwt); code != 200 {
 					failed.Add(1)
 				}
 			}
