@@ -155,6 +155,7 @@ func (r *replica) follow(st *store) {
 		meta, err2 := msg.Metadata()
 		if err = errors.Join(err, err2); err != nil {
 			r.log.Warn("cluster: reading the log", "err", err)
+			time.Sleep(time.Second) // NATS unreachable, say: one line a second at most
 			continue
 		} else if meta.Sequence.Stream <= r.applied {
 			continue // applied already
@@ -170,9 +171,9 @@ func (r *replica) follow(st *store) {
 			e.Events = w.evs // the same events: the insert gets their IDs
 		}
 		old, err := st.apply(&e, meta.Sequence.Stream)
-		for ; err != nil && !errors.Is(err, errConflict); old, err = st.apply(&e, meta.Sequence.Stream) {
-			r.log.Error("cluster: the view cannot apply the log: retrying", "seq", meta.Sequence.Stream, "err", err)
-			time.Sleep(time.Second) // a full disk, say; the view must not skip a message
+		if err != nil && !errors.Is(err, errConflict) { // a full disk, say: the view must not skip a message
+			r.log.Error("cluster: the view cannot apply the log: this node stops following it; restart it once fixed", "seq", meta.Sequence.Stream, "err", err)
+			return
 		}
 		if e.Bucket == nil {
 			r.h.publish(e.Events)
