@@ -52,13 +52,11 @@ const (
 // routes returns broker's whole HTTP API.
 func (s *server) routes() http.Handler {
 	mux := http.NewServeMux()
-	mux.HandleFunc("GET /{$}", func(w http.ResponseWriter, r *http.Request) {
-		s.reply(w, http.StatusOK, map[string]string{"status": "ok"})
-	})
+	mux.HandleFunc("GET /{$}", handle(s, anyone, func(*http.Request, caller, *struct{}) (any, error) { return map[string]string{"status": "ok"}, nil }))
 	mux.HandleFunc("POST /create_user", handle(s, admin, s.saveUser(true)))
 	mux.HandleFunc("POST /login", handle(s, anyone, s.loginUser))
 	mux.HandleFunc("POST /list_users", handle(s, admin, s.listUsers))
-	mux.HandleFunc("POST /get_user", handle(s, admin, s.getUser))
+	mux.HandleFunc("POST /get_user", handle(s, admin, func(_ *http.Request, _ caller, req *userReq) (any, error) { return s.db.getUser(req.Username) }))
 	mux.HandleFunc("POST /update_user", handle(s, admin, s.saveUser(false)))
 	mux.HandleFunc("POST /revoke_user", handle(s, admin, s.setRevoked(true)))
 	mux.HandleFunc("POST /unrevoke_user", handle(s, admin, s.setRevoked(false)))
@@ -103,16 +101,15 @@ func (s *server) common(next http.Handler) http.Handler {
 				s.fail(w, r, fmt.Errorf("panic: %v\n%s", v, debug.Stack()))
 			}
 		}()
-		h := w.Header()
-		h.Set("Access-Control-Allow-Origin", s.cfg.origin)
-		h.Set("X-Content-Type-Options", "nosniff")
+		w.Header().Set("Access-Control-Allow-Origin", s.cfg.origin)
+		w.Header().Set("X-Content-Type-Options", "nosniff")
 		if s.cfg.secure {
-			h.Set("Strict-Transport-Security", "max-age=31536000")
+			w.Header().Set("Strict-Transport-Security", "max-age=31536000")
 		}
 		if r.Method == http.MethodOptions {
-			h.Set("Access-Control-Allow-Methods", "GET, POST, HEAD")
-			h.Set("Access-Control-Allow-Headers", "Authorization, Content-Type, Last-Event-ID")
-			h.Set("Access-Control-Max-Age", "7200")
+			w.Header().Set("Access-Control-Allow-Methods", "GET, POST, HEAD")
+			w.Header().Set("Access-Control-Allow-Headers", "Authorization, Content-Type, Last-Event-ID")
+			w.Header().Set("Access-Control-Max-Age", "7200")
 			w.WriteHeader(http.StatusNoContent)
 			return
 		}
@@ -160,14 +157,12 @@ func handle[T any](s *server, who access, act func(r *http.Request, c caller, re
 		if err == nil && who == admin {
 			err = s.checkAdmin(r, any(req).(interface{ token() string }).token())
 		}
-		var out any
-		if err == nil {
-			out, err = act(r, c, req)
-		}
-		if d, ok := out.(http.Handler); ok && err == nil { // an answer that writes itself (the backup)
-			d.ServeHTTP(w, r)
-		} else if err != nil {
+		if err != nil {
 			s.fail(w, r, err)
+		} else if out, err := act(r, c, req); err != nil {
+			s.fail(w, r, err)
+		} else if d, ok := out.(http.Handler); ok { // an answer that writes itself (the backup)
+			d.ServeHTTP(w, r)
 		} else {
 			s.reply(w, http.StatusOK, out)
 		}
@@ -180,15 +175,13 @@ func handle[T any](s *server, who access, act func(r *http.Request, c caller, re
 // reads is lower case). Errors name JSON fields, never Go types.
 func decodeJSON(raw []byte, v any) error {
 	keys, seen := json.NewDecoder(bytes.NewReader(raw)), map[string]bool{}
-	if open, _ := keys.Token(); open == json.Delim('{') {
-		for keys.More() {
-			t, err := keys.Token()
-			k, _ := t.(string)
-			if err != nil || seen[k] || k != strings.ToLower(k) || keys.Decode(new(json.RawMessage)) != nil {
-				return fmt.Errorf("%w: malformed, repeated or unknown field %q", errInvalid, k)
-			}
-			seen[k] = true
+	for open, _ := keys.Token(); open == json.Delim('{') && keys.More(); { // each key of an object
+		t, err := keys.Token()
+		k, _ := t.(string)
+		if err != nil || seen[k] || k != strings.ToLower(k) || keys.Decode(new(json.RawMessage)) != nil {
+			return fmt.Errorf("%w: malformed, repeated or unknown field %q", errInvalid, k)
 		}
+		seen[k] = true
 	}
 	dec := json.NewDecoder(bytes.NewReader(raw))
 	dec.DisallowUnknownFields()
@@ -283,9 +276,9 @@ func (s *server) fail(w http.ResponseWriter, r *http.Request, err error) {
 	if retry, ok := errors.AsType[*retryError](err); ok {
 		w.Header().Set("Retry-After", strconv.Itoa(int(retry.after.Seconds()+0.999)))
 	}
-	if status >= 500 && r.Context().Err() == nil || status == http.StatusTooManyRequests { // not when the client has gone
-		level := slog.LevelWarn + slog.Level(status/500*4) // 5xx: ERROR
-		s.log.Log(r.Context(), level, "request failed", "method", r.Method, "path", r.URL.Path, "addr", clientAddr(r), "status", status, "err", err)
+	// 5xx at level ERROR, not when the client has gone; 429 at WARN.
+	if status >= 500 && r.Context().Err() == nil || status == http.StatusTooManyRequests {
+		s.log.Log(r.Context(), slog.LevelWarn+slog.Level(status/500*4), "request failed", "method", r.Method, "path", r.URL.Path, "addr", clientAddr(r), "status", status, "err", err)
 	}
 	s.reply(w, status, map[string]string{"error": msg})
 }
@@ -343,10 +336,6 @@ func (s *server) listUsers(r *http.Request, _ caller, req *struct {
 	Tenant string `json:"tenant_name"`
 }) (any, error) {
 	return s.db.listUsers(req.Tenant)
-}
-
-func (s *server) getUser(r *http.Request, _ caller, req *userReq) (any, error) {
-	return s.db.getUser(req.Username)
 }
 
 // setRevoked answers /revoke_user (refuse the user's logins, end its tokens and streams)
@@ -491,11 +480,10 @@ func (s *server) backup(r *http.Request, _ caller, _ *adminReq) (any, error) {
 	}
 	return http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
 		defer f.Close()
-		h := w.Header()
-		h.Set("Content-Type", "application/octet-stream")
-		h.Set("Content-Disposition", `attachment; filename="broker.db"`)
-		h.Set("Content-Length", strconv.FormatInt(size, 10))
-		h.Set("Cache-Control", "no-store")
+		w.Header().Set("Content-Type", "application/octet-stream")
+		w.Header().Set("Content-Disposition", `attachment; filename="broker.db"`)
+		w.Header().Set("Content-Length", strconv.FormatInt(size, 10))
+		w.Header().Set("Cache-Control", "no-store")
 		io.Copy(deadlineWriter{w}, io.NewSectionReader(f, 0, size)) // on failure the status line is gone: the client sees a short download
 		http.NewResponseController(w).SetWriteDeadline(time.Time{})
 	}), nil

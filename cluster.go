@@ -68,10 +68,11 @@ type replica struct {
 	log     *slog.Logger
 	nc      *nats.Conn
 	js      jetstream.JetStream
-	subject string
-	it      jetstream.MessagesContext
-	done    chan struct{} // closed once follow has returned
-	mu      sync.Mutex    // guards the fields below
+	subject string                    // and stream name
+	quit    chan struct{}             // closed when the store closes
+	done    chan struct{}             // closed once follow has returned
+	mu      sync.Mutex                // guards the fields below
+	it      jetstream.MessagesContext // the messages of the current consumer
 	waiting map[string]*waiter
 	applied uint64        // the log position the view reflects
 	moved   chan struct{} // closed, and replaced, whenever applied moves
@@ -98,7 +99,7 @@ func (st *store) join(h *hub, c clusterConfig) error {
 	if err != nil {
 		return fmt.Errorf("cluster: %w", err)
 	}
-	r := &replica{h: h, log: h.log, nc: nc, subject: c.stream, done: make(chan struct{}), waiting: map[string]*waiter{}, moved: make(chan struct{})}
+	r := &replica{h: h, log: h.log, nc: nc, subject: c.stream, quit: make(chan struct{}), done: make(chan struct{}), waiting: map[string]*waiter{}, moved: make(chan struct{})}
 	last, err := st.start(r, c)
 	if err != nil {
 		nc.Close()
@@ -137,28 +138,69 @@ func (st *store) start(r *replica, c clusterConfig) (last uint64, err error) {
 	if last = stream.CachedInfo().State.LastSeq; foreign || r.applied > last {
 		return 0, fmt.Errorf("the database in --db was not built from log %q (it is at position %d of %d): move it away, and the node rebuilds its view from the log", c.stream, r.applied, last)
 	}
-	cons, err := stream.OrderedConsumer(ctx, jetstream.OrderedConsumerConfig{DeliverPolicy: jetstream.DeliverByStartSequencePolicy, OptStartSeq: r.applied + 1})
-	if err == nil {
-		r.it, err = cons.Messages()
+	return last, r.consume()
+}
+
+// consume starts a consumer of the log from the position after the view's. It lives on one
+// NATS server: when that server goes, follow starts another. (JetStream's ordered consumer
+// does the same, but its first attempt waits 10 s for a server that has gone.)
+func (r *replica) consume() error {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	cons, err := r.js.CreateConsumer(ctx, r.subject, jetstream.ConsumerConfig{
+		DeliverPolicy: jetstream.DeliverByStartSequencePolicy, OptStartSeq: r.applied + 1,
+		AckPolicy: jetstream.AckNonePolicy, MemoryStorage: true, Replicas: 1, InactiveThreshold: time.Minute,
+	})
+	var it jetstream.MessagesContext
+	if err == nil { // heartbeats every second: a consumer lost with its server is noticed within 2 s
+		it, err = cons.Messages(jetstream.PullExpiry(2 * time.Second))
 	}
-	return last, err
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if err == nil && r.isQuitting() {
+		it.Stop()
+		err = jetstream.ErrMsgIteratorClosed
+	} else if err == nil {
+		r.it = it
+	}
+	return err
+}
+
+func (r *replica) isQuitting() bool {
+	select {
+	case <-r.quit:
+		return true
+	default:
+		return false
+	}
 }
 
 // follow applies the log's messages in order until the store closes.
 func (r *replica) follow(st *store) {
 	defer close(r.done)
 	for {
-		msg, err := r.it.Next()
-		if errors.Is(err, jetstream.ErrMsgIteratorClosed) {
-			return
+		r.mu.Lock()
+		it := r.it
+		r.mu.Unlock()
+		msg, err := it.Next()
+		var meta *jetstream.MsgMetadata
+		if err == nil {
+			meta, err = msg.Metadata()
 		}
-		meta, err2 := msg.Metadata()
-		if err = errors.Join(err, err2); err != nil {
-			r.log.Warn("cluster: reading the log", "err", err)
-			time.Sleep(time.Second) // NATS unreachable, say: one line a second at most
+		if err == nil && meta.Sequence.Stream != r.applied+1 {
+			err = fmt.Errorf("message %d after %d", meta.Sequence.Stream, r.applied)
+		}
+		if err != nil { // a lost consumer or message: a new consumer from where the view is
+			for it.Stop(); !r.isQuitting(); time.Sleep(time.Second) {
+				r.log.Warn("cluster: following the log again", "from", r.applied+1, "err", err)
+				if err = r.consume(); err == nil {
+					break
+				}
+			}
+			if r.isQuitting() {
+				return
+			}
 			continue
-		} else if meta.Sequence.Stream <= r.applied {
-			continue // applied already
 		}
 		var e entry
 		if err := json.Unmarshal(msg.Data(), &e); err != nil { // applied as an empty entry: it moves the view's position
@@ -301,7 +343,7 @@ func (st *store) appendEvents(evs []*event, published func([]*event)) error {
 }
 
 // proposeTime bounds how long a write waits for the log to store and apply it.
-const proposeTime = 10 * time.Second
+const proposeTime = 30 * time.Second
 
 // propose applies e: at once without a log; in cluster mode by publishing it to the log,
 // where it is stored on the replicas, and waiting until this node's view has applied it.
@@ -371,9 +413,12 @@ func (st *store) await(tenant string, id uint64) {
 
 // close stops following the log, then closes the view.
 func (st *store) close() error {
-	if st.log != nil {
-		st.log.it.Stop()
-		<-st.log.done
+	if r := st.log; r != nil {
+		r.mu.Lock()
+		close(r.quit)
+		r.it.Stop()
+		r.mu.Unlock()
+		<-r.done
 		st.log.nc.Close()
 	}
 	return st.db.Close()

@@ -227,13 +227,23 @@ func history(t *testing.T, b *testBroker, jwt string, want int) map[uint64]strin
 func TestClusterFaults(t *testing.T) {
 	servers, urls := startNATS(t, 3)
 	a, b := clusterNode(t, urls, ""), clusterNode(t, urls, "")
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Log("A:", a.logs.String())
+			t.Log("B:", b.logs.String())
+		}
+	})
 	a.createUser("bob", "acme")
 	known(t, b, "bob")
 	jwt := a.login("bob")
 	acked := map[uint64]string{} // every insert answered with an ID
 	insert := func(n *testBroker, i int) {
 		data := fmt.Sprintf(`{"i":%d}`, i)
+		t0 := time.Now()
 		id := n.insert(jwt, "e", obj{"i": i})
+		if d := time.Since(t0); d > time.Second {
+			t.Logf("insert %d took %v", i, d)
+		}
 		if _, dup := acked[id]; dup {
 			t.Fatalf("ID %d given twice", id)
 		}

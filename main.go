@@ -219,13 +219,12 @@ func run(ctx context.Context, args []string, env func(string) (string, bool), st
 		// No WriteTimeout: it would cut event streams, which set a deadline per write.
 	}
 	errc := make(chan error, 2)
+	var ln net.Listener
 	if cfg.secure {
 		err = s.serveTLS(srv, errc)
-	} else if ln, lerr := net.Listen("tcp", net.JoinHostPort(cfg.host, strconv.Itoa(cfg.port))); lerr == nil {
+	} else if ln, err = net.Listen("tcp", net.JoinHostPort(cfg.host, strconv.Itoa(cfg.port))); err == nil {
 		log.Info("broker listening", "addr", ln.Addr().String(), "version", version)
 		go func() { errc <- srv.Serve(ln) }()
-	} else {
-		err = lerr
 	}
 	if err == nil {
 		select {
@@ -248,13 +247,12 @@ const maxClockOffset = 5 * time.Minute
 // syncClock measures the offset to the NTP server now and every hour. Without a plausible
 // answer the last good offset stays in use (at first none: the local clock).
 func syncClock(ctx context.Context, server string, offset *atomic.Int64, log *slog.Logger) {
-	for {
+	for ctx.Err() == nil {
 		resp, err := ntp.QueryWithOptions(server, ntp.QueryOptions{Timeout: 5 * time.Second})
 		if err == nil {
-			err = resp.Validate()
-		}
-		if err == nil && resp.ClockOffset.Abs() > maxClockOffset {
-			err = fmt.Errorf("offset %s is over %s: refused", resp.ClockOffset, maxClockOffset)
+			if err = resp.Validate(); err == nil && resp.ClockOffset.Abs() > maxClockOffset {
+				err = fmt.Errorf("offset %s is over %s: refused", resp.ClockOffset, maxClockOffset)
+			}
 		}
 		if err != nil {
 			log.Warn("no usable ntp answer, keeping the current clock", "server", server, "err", err)
@@ -264,7 +262,6 @@ func syncClock(ctx context.Context, server string, offset *atomic.Int64, log *sl
 		}
 		select {
 		case <-ctx.Done():
-			return
 		case <-time.After(time.Hour):
 		}
 	}

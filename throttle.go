@@ -1,7 +1,6 @@
 package main
 
 import (
-	"cmp"
 	"crypto/sha256"
 	"net"
 	"net/http"
@@ -52,7 +51,7 @@ func accountKey(kind, username string) tkey {
 // site is usually given, so one client cannot fill the throttle with its addresses); kind "login" for passwords and codes, "admin" for admin tokens.
 func addrKey(kind string, r *http.Request) tkey {
 	// Admin tokens are compared, not hashed: 20 may be checked at once.
-	return tkey{sha256.Sum256([]byte(kind + "\x00" + clientAddr(r))), 20, cmp.Or(map[string]int{"admin": 20}[kind], 2)}
+	return tkey{sha256.Sum256([]byte(kind + "\x00" + clientAddr(r))), 20, map[bool]int{true: 20, false: 2}[kind == "admin"]}
 }
 
 // clientAddr is the client's IP address as the server sees it, an IPv6 address as its /48.
@@ -75,8 +74,7 @@ func (t *throttle) begin(now time.Time, keys ...tkey) (end func(failed bool), er
 		st, held := t.strikes[k]
 		if now.Before(st.until) || st.inflight >= k.parallel || st.inflight > 0 && st.fails+st.inflight >= k.free {
 			return nil, &retryError{after: max(st.until.Sub(now), time.Second), error: errTooMany}
-		}
-		if !held {
+		} else if !held {
 			fresh++
 		}
 	}
@@ -100,23 +98,21 @@ func (t *throttle) begin(now time.Time, keys ...tkey) (end func(failed bool), er
 		st.inflight++
 		t.strikes[k] = st
 	}
-	return func(failed bool) { t.end(now, failed, keys) }, nil
-}
-
-func (t *throttle) end(now time.Time, failed bool, keys []tkey) {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	for _, k := range keys {
-		st := t.strikes[k]
-		st.inflight-- // a key with an attempt in flight is never forgotten
-		if failed {
-			st.fails, st.last = st.fails+1, now
-			if st.fails >= k.free {
-				st.until = now.Add(min(time.Second<<min(st.fails-k.free, 20), forget))
+	return func(failed bool) {
+		t.mu.Lock()
+		defer t.mu.Unlock()
+		for _, k := range keys {
+			st := t.strikes[k]
+			st.inflight-- // a key with an attempt in flight is never forgotten
+			if failed {
+				st.fails, st.last = st.fails+1, now
+				if st.fails >= k.free {
+					st.until = now.Add(min(time.Second<<min(st.fails-k.free, 20), forget))
+				}
 			}
+			t.strikes[k] = st
 		}
-		t.strikes[k] = st
-	}
+	}, nil
 }
 
 // clear forgets the failures of keys: an account's after its owner got in, or when the

@@ -4,7 +4,6 @@ import (
 	"crypto/ed25519"
 	"crypto/hmac"
 	"crypto/sha256"
-	"crypto/subtle"
 	"encoding/base64"
 	"encoding/json"
 	"fmt"
@@ -63,15 +62,13 @@ func verifyJWT(token string, key []byte, now time.Time) (claims, error) {
 	header, rest, _ := strings.Cut(token, ".")
 	payload, sig, ok := strings.Cut(rest, ".")
 	mac, err := b64.DecodeString(sig)
-	// Size and alphabet are checked before the MAC; the alphabet because base64 decoders
-	// skip CR and LF.
-	if len(token) > maxJWT || strings.Trim(token, "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.") != "" ||
-		!ok || err != nil || !hmac.Equal(mac, hs256(header+"."+payload, key)) {
-		return c, errBadToken
-	}
 	rawHead, err1 := b64.DecodeString(header)
 	rawClaims, err2 := b64.DecodeString(payload)
-	if err1 != nil || err2 != nil || decodeJSON(rawHead, &head) != nil || decodeJSON(rawClaims, &c) != nil ||
+	// Size and alphabet are checked before the MAC (the alphabet because base64 decoders
+	// skip CR and LF), the MAC before the JSON.
+	if len(token) > maxJWT || strings.Trim(token, "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.") != "" ||
+		!ok || err != nil || !hmac.Equal(mac, hs256(header+"."+payload, key)) ||
+		err1 != nil || err2 != nil || decodeJSON(rawHead, &head) != nil || decodeJSON(rawClaims, &c) != nil ||
 		head.Alg != "HS256" || head.Typ != nil && *head.Typ != "JWT" || c.Iss != "Broker" || c.Sub == "" || now.Unix() >= c.Exp {
 		return claims{}, errBadToken
 	}
@@ -126,7 +123,7 @@ func (s *server) checkAdmin(r *http.Request, token string) error {
 		return err
 	}
 	got := sha256.Sum256([]byte(token))
-	wrong := subtle.ConstantTimeCompare(got[:], s.adminHash[:]) != 1
+	wrong := !hmac.Equal(got[:], s.adminHash[:]) // in constant time
 	if end(wrong); wrong {
 		s.log.Warn("wrong admin token", "addr", clientAddr(r), "path", r.URL.Path)
 		return fmt.Errorf("%w: wrong admin token", errUnauthorized)
@@ -138,8 +135,7 @@ func (s *server) checkAdmin(r *http.Request, token string) error {
 // a password change or revocation are refused and tokens issued after are not.
 func (s *server) issueJWT(u *user) string {
 	iat := max(s.now().Unix(), u.NotBefore)
-	c := claims{Iss: "Broker", Sub: u.Username, Tenant: u.Tenant, Scopes: u.Scopes, Iat: iat, Exp: iat + s.cfg.jwtExpiry}
-	return signJWT(c, []byte(s.cfg.jwtSecret))
+	return signJWT(claims{Iss: "Broker", Sub: u.Username, Tenant: u.Tenant, Scopes: u.Scopes, Iat: iat, Exp: iat + s.cfg.jwtExpiry}, []byte(s.cfg.jwtSecret))
 }
 
 // mintBiscuit returns a biscuit signed by root whose authority block states who u is,

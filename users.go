@@ -23,8 +23,7 @@ import (
 	"unicode"
 	"unicode/utf8"
 
-	"github.com/pquerna/otp"
-	"github.com/pquerna/otp/hotp"
+	"github.com/pquerna/otp/totp"
 	"github.com/trustelem/zxcvbn"
 	"golang.org/x/crypto/argon2"
 )
@@ -154,9 +153,7 @@ func (s *server) checkPassword(ctx context.Context, password string, inputs ...s
 		return nil
 	} else if err := ctx.Err(); err != nil {
 		return err
-	}
-	scored := strings.ToValidUTF8(password[:min(len(password), zxcvbnBytes)], "")
-	if r := zxcvbn.PasswordStrength(scored, inputs); r.Score < 3 {
+	} else if r := zxcvbn.PasswordStrength(strings.ToValidUTF8(password[:min(len(password), zxcvbnBytes)], ""), inputs); r.Score < 3 {
 		return fmt.Errorf("%w: weak password: strength %d of 4, 3 needed; use a longer, less predictable password", errInvalid, r.Score)
 	}
 	return nil
@@ -283,7 +280,7 @@ func randomBytes(n int) []byte {
 
 // totpCode is the RFC 6238 code (SHA1, 6 digits) of secret at time step step (30 s).
 func totpCode(secret string, step int64) string {
-	code, _ := hotp.GenerateCodeCustom(secret, uint64(step), hotp.ValidateOpts{Digits: otp.DigitsSix, Algorithm: otp.AlgorithmSHA1})
+	code, _ := totp.GenerateCode(secret, time.Unix(step*30, 0))
 	return code // "" for a malformed secret: never equal to a code
 }
 
