@@ -52,7 +52,9 @@ const (
 // routes returns broker's whole HTTP API.
 func (s *server) routes() http.Handler {
 	mux := http.NewServeMux()
-	mux.HandleFunc("GET /{$}", handle(s, anyone, func(*http.Request, caller, *struct{}) (any, error) { return map[string]string{"status": "ok"}, nil }))
+	mux.HandleFunc("GET /{$}", handle(s, anyone, func(*http.Request, caller, *struct{}) (any, error) {
+		return map[string]string{"status": "ok"}, s.db.ready()
+	}))
 	mux.HandleFunc("POST /create_user", handle(s, admin, s.saveUser(true)))
 	mux.HandleFunc("POST /login", handle(s, anyone, s.loginUser))
 	mux.HandleFunc("POST /list_users", handle(s, admin, s.listUsers))

@@ -13,6 +13,7 @@ import (
 	"flag"
 	"fmt"
 	"log/slog"
+	"slices"
 	"sync"
 	"time"
 
@@ -60,7 +61,12 @@ type entry struct {
 // errConflict is the result of a put whose value changed since it was read.
 var errConflict = errors.New("changed meanwhile")
 
-var logSeq = []byte("log_seq") // meta: the position in the log the view reflects
+// errLost: the log is not the one the view was built from, or lacks messages it needs.
+var errLost = errors.New("cluster: the log no longer matches this node's view")
+
+// logKey (meta) holds where the view is: the log position it reflects, the bbolt
+// transaction that applied it (a later one was made without the log) and the log's identity.
+var logKey = []byte("log")
 
 // replica follows the log into a view and proposes changes to it.
 type replica struct {
@@ -69,6 +75,7 @@ type replica struct {
 	nc      *nats.Conn
 	js      jetstream.JetStream
 	subject string                    // and stream name
+	id      string                    // the stream's identity: its name and creation time
 	quit    chan struct{}             // closed when the store closes
 	done    chan struct{}             // closed once follow has returned
 	mu      sync.Mutex                // guards the fields below
@@ -91,6 +98,10 @@ func (st *store) join(h *hub, c clusterConfig) error {
 	if c.nats == "" {
 		return nil
 	}
+	viewID, err := st.seal()
+	if err != nil {
+		return fmt.Errorf("cluster: %w", err)
+	}
 	opts := []nats.Option{nats.Name("broker"), nats.MaxReconnects(-1)}
 	if c.creds != "" {
 		opts = append(opts, nats.UserCredentials(c.creds))
@@ -100,7 +111,10 @@ func (st *store) join(h *hub, c clusterConfig) error {
 		return fmt.Errorf("cluster: %w", err)
 	}
 	r := &replica{h: h, log: h.log, nc: nc, subject: c.stream, quit: make(chan struct{}), done: make(chan struct{}), waiting: map[string]*waiter{}, moved: make(chan struct{})}
-	last, err := st.start(r, c)
+	last, err := st.start(r, c, viewID)
+	if err == nil {
+		err = r.consume()
+	}
 	if err != nil {
 		nc.Close()
 		return fmt.Errorf("cluster: %w", err)
@@ -111,53 +125,96 @@ func (st *store) join(h *hub, c clusterConfig) error {
 	return r.reach(last, nil)
 }
 
-// start opens the log's stream (creating it if it is new) and a consumer of it from the
-// position after the view's, and returns the log's last position.
-func (st *store) start(r *replica, c clusterConfig) (last uint64, err error) {
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
+// seal reads where the view is, and returns the identity of its log ("" for a new view).
+// Opening the database is one write transaction (createBuckets): any other since the view
+// last recorded its place was made without the log, and the view is refused (errLost).
+// Otherwise it records its place again, so that this opening does not count at the next.
+func (st *store) seal() (id string, err error) {
+	err = st.db.Update(func(tx *bolt.Tx) error {
+		mark := bytes.Clone(tx.Bucket(bucketMeta).Get(logKey))
+		if len(mark) < 16 { // made without the log: the other nodes lack its users, events and biscuit key
+			for _, b := range [][]byte{bucketUsers, bucketEvents, bucketMeta} {
+				if k, _ := tx.Bucket(b).Cursor().First(); k != nil {
+					return fmt.Errorf("%w: the database in --db was not built from the log", errLost)
+				}
+			}
+			return nil
+		} else if uint64(tx.ID()) != binary.BigEndian.Uint64(mark[8:])+2 {
+			return fmt.Errorf("%w: the database in --db was written without the log", errLost)
+		}
+		id = string(mark[16:])
+		return tx.Bucket(bucketMeta).Put(logKey, placeMark(binary.BigEndian.Uint64(mark), tx.ID(), id))
+	})
+	return id, err
+}
+
+// placeMark is the value of logKey.
+func placeMark(seq uint64, tx int, id string) []byte {
+	return append(binary.BigEndian.AppendUint64(binary.BigEndian.AppendUint64(nil, seq), uint64(tx)), id...)
+}
+
+// start opens the log's stream, creating it if there is none (a stream that exists is
+// left as it is), checks that it is the log of the view (of identity viewID) and still
+// holds every message after it, and returns its last position.
+func (st *store) start(r *replica, c clusterConfig, viewID string) (last uint64, err error) {
 	if r.js, err = jetstream.New(r.nc); err != nil {
 		return 0, err
 	}
-	stream, err := r.js.CreateOrUpdateStream(ctx, jetstream.StreamConfig{Name: c.stream, Subjects: []string{c.stream}, Replicas: c.replicas, Storage: jetstream.FileStorage})
-	if err != nil {
-		return 0, err
+	var info *jetstream.StreamInfo
+	for deadline := time.Now().Add(30 * time.Second); info == nil; time.Sleep(time.Second) { // nodes starting together race to create it
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		stream, err := r.js.Stream(ctx, c.stream)
+		if errors.Is(err, jetstream.ErrStreamNotFound) {
+			stream, err = r.js.CreateStream(ctx, jetstream.StreamConfig{Name: c.stream, Subjects: []string{c.stream}, Replicas: c.replicas, Storage: jetstream.FileStorage, DenyDelete: true, DenyPurge: true})
+		}
+		cancel()
+		if err == nil {
+			info = stream.CachedInfo()
+		} else if time.Now().After(deadline) {
+			return 0, err
+		}
 	}
-	foreign := false
+	if info.Config.Replicas != c.replicas {
+		r.log.Warn("cluster: the log's stream exists with another number of replicas, which broker leaves as it is", "replicas", info.Config.Replicas, "nats_replicas", c.replicas)
+	}
 	st.db.View(func(tx *bolt.Tx) error {
-		if v := tx.Bucket(bucketMeta).Get(logSeq); v != nil {
-			r.applied = binary.BigEndian.Uint64(v)
-		} else { // made without the log: the other nodes lack its users, events and biscuit key
-			for _, b := range [][]byte{bucketUsers, bucketEvents, bucketMeta} {
-				k, _ := tx.Bucket(b).Cursor().First()
-				foreign = foreign || k != nil
-			}
+		if mark := tx.Bucket(bucketMeta).Get(logKey); mark != nil {
+			r.applied = binary.BigEndian.Uint64(mark)
 		}
 		return nil
 	})
-	if last = stream.CachedInfo().State.LastSeq; foreign || r.applied > last {
-		return 0, fmt.Errorf("the database in --db was not built from log %q (it is at position %d of %d): move it away, and the node rebuilds its view from the log", c.stream, r.applied, last)
+	r.id = fmt.Sprint(c.stream, "@", info.Created.UnixNano())
+	if last = info.State.LastSeq; viewID != "" && viewID != r.id || r.applied > last || info.State.FirstSeq > r.applied+1 {
+		return 0, fmt.Errorf("%w: the database in --db was built from another log than %q, or the log lacks messages it needs (the view is at %d, the log holds %d-%d): move it away, and the node rebuilds its view from the log", errLost, c.stream, r.applied, info.State.FirstSeq, last)
 	}
-	return last, r.consume()
+	return last, nil
 }
 
 // consume starts a consumer of the log from the position after the view's. It lives on one
 // NATS server: when that server goes, follow starts another. (JetStream's ordered consumer
-// does the same, but its first attempt waits 10 s for a server that has gone.)
+// does the same, but its first attempt waits 10 s for a server that has gone.) A stream
+// that was replaced, or lost the messages the view needs, is errLost.
 func (r *replica) consume() error {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
-	cons, err := r.js.CreateConsumer(ctx, r.subject, jetstream.ConsumerConfig{
-		DeliverPolicy: jetstream.DeliverByStartSequencePolicy, OptStartSeq: r.applied + 1,
-		AckPolicy: jetstream.AckNonePolicy, MemoryStorage: true, Replicas: 1, InactiveThreshold: time.Minute,
-	})
+	stream, err := r.js.Stream(ctx, r.subject)
+	if err == nil && (fmt.Sprint(r.subject, "@", stream.CachedInfo().Created.UnixNano()) != r.id || stream.CachedInfo().State.FirstSeq > r.applied+1) {
+		return errLost
+	}
+	var cons jetstream.Consumer
+	if err == nil {
+		cons, err = stream.CreateConsumer(ctx, jetstream.ConsumerConfig{
+			DeliverPolicy: jetstream.DeliverByStartSequencePolicy, OptStartSeq: r.applied + 1,
+			AckPolicy: jetstream.AckNonePolicy, MemoryStorage: true, Replicas: 1, InactiveThreshold: time.Minute,
+		})
+	}
 	var it jetstream.MessagesContext
 	if err == nil { // heartbeats every second: a consumer lost with its server is noticed within 2 s
 		it, err = cons.Messages(jetstream.PullExpiry(2 * time.Second))
 	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if err == nil && r.isQuitting() {
+	if err == nil && closed(r.quit) {
 		it.Stop()
 		err = jetstream.ErrMsgIteratorClosed
 	} else if err == nil {
@@ -166,16 +223,18 @@ func (r *replica) consume() error {
 	return err
 }
 
-func (r *replica) isQuitting() bool {
+// closed reports whether c is closed.
+func closed(c chan struct{}) bool {
 	select {
-	case <-r.quit:
+	case <-c:
 		return true
 	default:
 		return false
 	}
 }
 
-// follow applies the log's messages in order until the store closes.
+// follow applies the log's messages in order until the store closes, or until the view
+// cannot go on: the log was replaced, or the database fails to write (a full disk).
 func (r *replica) follow(st *store) {
 	defer close(r.done)
 	for {
@@ -191,30 +250,39 @@ func (r *replica) follow(st *store) {
 			err = fmt.Errorf("message %d after %d", meta.Sequence.Stream, r.applied)
 		}
 		if err != nil { // a lost consumer or message: a new consumer from where the view is
-			for it.Stop(); !r.isQuitting(); time.Sleep(time.Second) {
+			for it.Stop(); !closed(r.quit) && !errors.Is(err, errLost); time.Sleep(time.Second) {
 				r.log.Warn("cluster: following the log again", "from", r.applied+1, "err", err)
 				if err = r.consume(); err == nil {
 					break
 				}
 			}
-			if r.isQuitting() {
+			if errors.Is(err, errLost) {
+				r.log.Error("cluster: this node stops following the log; GET / answers 503", "err", err)
+			}
+			if err != nil {
 				return
 			}
 			continue
 		}
 		var e entry
-		if err := json.Unmarshal(msg.Data(), &e); err != nil { // applied as an empty entry: it moves the view's position
+		if err := json.Unmarshal(msg.Data(), &e); err != nil || !e.valid() { // applied as an empty entry: it moves the view's position
 			r.log.Error("cluster: skipping a malformed message of the log", "seq", meta.Sequence.Stream, "err", err)
+			e = entry{}
 		}
 		r.mu.Lock()
-		w := r.waiting[msg.Headers().Get(jetstream.MsgIDHeader)]
+		id := msg.Headers().Get(jetstream.MsgIDHeader)
+		w := r.waiting[id]
+		delete(r.waiting, id) // this node's proposal is answered here, whatever happens
 		r.mu.Unlock()
 		if w != nil && w.evs != nil {
 			e.Events = w.evs // the same events: the insert gets their IDs
 		}
 		old, err := st.apply(&e, meta.Sequence.Stream)
-		if err != nil && !errors.Is(err, errConflict) { // a full disk, say: the view must not skip a message
-			r.log.Error("cluster: the view cannot apply the log: this node stops following it; restart it once fixed", "seq", meta.Sequence.Stream, "err", err)
+		if w != nil {
+			w.done <- err
+		}
+		if err != nil && !errors.Is(err, errConflict) { // the view must not skip a message
+			r.log.Error("cluster: the view cannot apply the log: this node stops following it, and GET / answers 503; restart it once fixed", "seq", meta.Sequence.Stream, "err", err)
 			return
 		}
 		if e.Bucket == nil {
@@ -227,10 +295,16 @@ func (r *replica) follow(st *store) {
 		close(r.moved)
 		r.moved = make(chan struct{})
 		r.mu.Unlock()
-		if w != nil {
-			w.done <- err
-		}
 	}
+}
+
+// valid reports whether e is something broker writes, so every node applies it alike:
+// events of valid tenants and names, or a user or the biscuit key.
+func (e *entry) valid() bool {
+	if e.Bucket == nil {
+		return !slices.ContainsFunc(e.Events, func(ev *event) bool { return !validName(ev.Tenant, false) || !eventNameRE.MatchString(ev.Name) })
+	}
+	return e.New != nil && len(e.Key) > 0 && len(e.Key) <= bolt.MaxKeySize && (bytes.Equal(e.Bucket, bucketUsers) || bytes.Equal(e.Bucket, bucketMeta) && string(e.Key) == "biscuit_root")
 }
 
 // accessChanged reports whether a user's change ends its streams: a tenant or token
@@ -241,8 +315,8 @@ func accessChanged(old, new []byte) bool {
 	return err == nil && (err2 != nil || a.Tenant != b.Tenant || a.NotBefore != b.NotBefore)
 }
 
-// reach waits until the view has applied the log up to position seq, or until done fires.
-func (r *replica) reach(seq uint64, done <-chan time.Time) error {
+// reach waits until the view has applied the log up to position seq, or until done closes.
+func (r *replica) reach(seq uint64, done <-chan struct{}) error {
 	for {
 		r.mu.Lock()
 		applied, moved := r.applied, r.moved
@@ -267,20 +341,17 @@ func (st *store) apply(e *entry, seq uint64) (old []byte, err error) {
 	conflict := false
 	err = st.db.Update(func(tx *bolt.Tx) error {
 		if seq > 0 {
-			if err := tx.Bucket(bucketMeta).Put(logSeq, binary.BigEndian.AppendUint64(nil, seq)); err != nil {
+			if err := tx.Bucket(bucketMeta).Put(logKey, placeMark(seq, tx.ID(), st.log.id)); err != nil {
 				return err
 			}
 		}
 		if e.Bucket == nil {
 			return appendTx(tx, e.Events)
-		} else if b := tx.Bucket(e.Bucket); b == nil {
-			return nil // no such bucket: a malformed entry
-		} else if old = bytes.Clone(b.Get(e.Key)); !bytes.Equal(digest(old), e.Old) {
+		} else if old = bytes.Clone(tx.Bucket(e.Bucket).Get(e.Key)); !bytes.Equal(digest(old), e.Old) {
 			conflict = true
 			return nil
-		} else {
-			return b.Put(e.Key, e.New)
 		}
+		return tx.Bucket(e.Bucket).Put(e.Key, e.New)
 	})
 	if err == nil && conflict {
 		err = errConflict
@@ -320,7 +391,7 @@ func (st *store) put(bucket, key []byte, fn func([]byte) ([]byte, error)) error 
 
 // appendEvents commits evs, setting their IDs, and hands them to published; in cluster
 // mode the log's apply hands them on, with the events of every node, in log order.
-// Batches go to the log in messages of at most half NATS's payload limit.
+// Batches go to the log in messages of about a quarter of NATS's payload limit.
 func (st *store) appendEvents(evs []*event, published func([]*event)) error {
 	if st.log == nil {
 		_, err := st.apply(&entry{Events: evs}, 0)
@@ -362,11 +433,6 @@ func (st *store) propose(e *entry, evs []*event) error {
 	r.mu.Lock()
 	r.waiting[id] = w
 	r.mu.Unlock()
-	defer func() {
-		r.mu.Lock()
-		delete(r.waiting, id)
-		r.mu.Unlock()
-	}()
 	deadline := time.After(proposeTime)
 	for {
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
@@ -377,38 +443,64 @@ func (st *store) propose(e *entry, evs []*event) error {
 			case err = <-w.done:
 				return err
 			case <-deadline:
-				return &retryError{after: time.Second, error: fmt.Errorf("%w: this node's view is behind the cluster's log", errBusy)}
+				return r.abandon(id, w, "this node's view is behind the cluster's log")
 			}
 		}
 		r.log.Warn("cluster: the log did not take a change: retrying", "err", err)
 		select {
 		case <-deadline:
-			return &retryError{after: time.Second, error: fmt.Errorf("%w: the cluster's log did not take the change", errBusy)}
+			return r.abandon(id, w, "the cluster's log did not take the change")
 		case <-time.After(100 * time.Millisecond):
 		}
 	}
 }
 
-// await waits, up to writeTimeout, until the view holds tenant's event id: a stream that
-// resumes here may have seen, on another node, events this view has yet to apply.
-func (st *store) await(tenant string, id uint64) {
-	deadline := time.After(writeTimeout)
-	for st.log != nil {
-		st.log.mu.Lock()
-		moved := st.log.moved
-		st.log.mu.Unlock()
-		st.log.h.mu.Lock()
-		last := st.log.h.lastID[tenant]
-		st.log.h.mu.Unlock()
-		if last >= id {
-			return
-		}
-		select {
-		case <-moved:
-		case <-deadline:
-			return
-		}
+// abandon gives up waiting for a proposal, unless follow has taken it to apply it: then
+// its result comes at once.
+func (r *replica) abandon(id string, w *waiter, why string) error {
+	r.mu.Lock()
+	_, waiting := r.waiting[id]
+	delete(r.waiting, id)
+	r.mu.Unlock()
+	if !waiting {
+		return <-w.done
 	}
+	return &retryError{after: time.Second, error: fmt.Errorf("%w: %s", errBusy, why)}
+}
+
+// await returns once the view holds tenant's event id, or everything the log held when it
+// was called: a stream that resumes here may have seen, on another node, events this view
+// has yet to apply. A view still behind after writeTimeout is errBusy, rather than a
+// backlog that would repeat events.
+func (st *store) await(tenant string, id uint64) error {
+	r := st.log
+	if r == nil {
+		return nil
+	}
+	r.h.mu.Lock()
+	last := r.h.lastID[tenant]
+	r.h.mu.Unlock()
+	if last >= id {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), writeTimeout)
+	defer cancel()
+	stream, err := r.js.Stream(ctx, r.subject)
+	if err == nil {
+		err = r.reach(stream.CachedInfo().State.LastSeq, ctx.Done())
+	}
+	if err != nil {
+		return &retryError{after: time.Second, error: fmt.Errorf("%w: this node's view is behind the cluster's log", errBusy)}
+	}
+	return nil
+}
+
+// ready is errBusy once the node has stopped following the log (GET /).
+func (st *store) ready() error {
+	if st.log != nil && closed(st.log.done) {
+		return &retryError{after: time.Second, error: fmt.Errorf("%w: this node stopped following the cluster's log", errBusy)}
+	}
+	return nil
 }
 
 // close stops following the log, then closes the view.

@@ -4,8 +4,10 @@ package main
 
 import (
 	"bufio"
+	"cmp"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -146,21 +148,22 @@ func TestClusterSharesOneLog(t *testing.T) {
 		expect(t, moved.next(), "news", fmt.Sprint(want), fmt.Sprintf(`{"n":%d}`, 100+i))
 	}
 
-	// A stream resuming on a node waits until its view holds the stream's Last-Event-ID.
-	lastOn := func(n *testBroker) uint64 {
-		n.s.hub.mu.Lock()
-		defer n.s.hub.mu.Unlock()
-		return n.s.hub.lastID["acme"]
+	// A stream resuming on a node whose view lags behind its Last-Event-ID waits for it;
+	// after 5 s it is answered 503, never with a backlog that would repeat events. An open
+	// write transaction on C's database stands in for a slow disk.
+	tx, err := c.s.db.db.Begin(true)
+	if err != nil {
+		t.Fatal(err)
 	}
-	next, held := lastOn(c)+1, make(chan uint64)
-	go func() {
-		c.s.db.await("acme", next)
-		held <- lastOn(c)
-	}()
-	a.insert(jwt, "news", obj{"n": 102})
-	if got := <-held; got < next {
-		t.Errorf("await returned with the view at %d; want %d", got, next)
+	ahead := fmt.Sprint(a.insert(jwt, "news", obj{"n": 102}))
+	if code, out := c.do("GET", "/sse", nil, append(bearer(jwt), "Last-Event-ID", ahead)...); code != 503 {
+		t.Errorf("resume on a node 5 s behind: got %d %s; want 503", code, out)
 	}
+	resumed := make(chan *stream)
+	go func() { resumed <- c.stream(append(bearer(jwt), "Last-Event-ID", ahead)...) }()
+	tx.Rollback()
+	next := b.insert(jwt, "news", obj{"n": 103})
+	expect(t, (<-resumed).next(), "news", fmt.Sprint(next), `{"n":103}`)
 
 	// A revocation on C ends the user's streams on A and B.
 	onA := a.stream(bearer(jwt)...)
@@ -324,23 +327,157 @@ func TestClusterFaults(t *testing.T) {
 	sameHistory(b, d)
 }
 
-// TestClusterRefusesForeignDatabase: a database not built from the log would differ from
-// the other views, so a node refuses to start on it.
-func TestClusterRefusesForeignDatabase(t *testing.T) {
+// openNode opens a broker on the log stream of the cluster at urls (none: alone), with its
+// view in db, and returns the error that refused it.
+func openNode(t *testing.T, urls, stream, db string, replicas int) error {
+	t.Helper()
+	cfg := testConfig(t)
+	cfg.db, cfg.cluster = cmp.Or(db, cfg.db), clusterConfig{nats: urls, stream: stream, replicas: replicas}
+	s, err := newServer(cfg, slog.New(slog.NewTextHandler(io.Discard, nil)), time.Now)
+	if err == nil {
+		s.close()
+	}
+	return err
+}
+
+// TestClusterRefusesForeignViews: a view that differs from what its log says would give
+// other IDs and users than the other nodes', so a node refuses to start on it.
+func TestClusterRefusesForeignViews(t *testing.T) {
 	_, urls := startNATS(t, 3)
-	for _, users := range []int{0, 1} { // one started once has its own biscuit key
+	for _, users := range []int{0, 1} { // a default database started once has its own biscuit key
 		solo := newTestBroker(t)
 		for i := range users {
 			solo.createUser(fmt.Sprint("carol", i), "acme")
 		}
 		solo.stop()
-		cfg := testConfig(t)
-		cfg.db, cfg.cluster = solo.s.cfg.db, clusterConfig{nats: urls, stream: "broker", replicas: 3}
-		if _, err := newServer(cfg, slog.New(slog.NewTextHandler(io.Discard, nil)), time.Now); err == nil || !strings.Contains(err.Error(), "not built from log") {
+		if err := openNode(t, urls, "broker", solo.s.cfg.db, 3); !errors.Is(err, errLost) {
 			t.Fatalf("a database made without the log, with %d users: got %v; want refused", users, err)
 		}
 	}
-	clusterNode(t, urls, "") // an empty folder is a new view
+
+	// A view opened without the log (by this build without --nats), which may then have
+	// been written, is refused.
+	a := clusterNode(t, urls, "")
+	a.createUser("dave", "acme")
+	dir := a.s.cfg.db
+	a.stop()
+	if err := openNode(t, urls, "broker", dir, 3); err != nil { // reopened as it is: fine, and again
+		t.Fatal(err)
+	}
+	if err := openNode(t, "", "broker", dir, 3); err != nil { // alone, without the log
+		t.Fatal(err)
+	}
+	if err := openNode(t, urls, "broker", dir, 3); !errors.Is(err, errLost) {
+		t.Fatalf("a view written without the log: got %v; want refused", err)
+	}
+
+	// A view of one stream is refused on another.
+	b := clusterNode(t, urls, "")
+	dir = b.s.cfg.db
+	b.stop()
+	if err := openNode(t, urls, "other", dir, 3); !errors.Is(err, errLost) {
+		t.Fatalf("a view of another log: got %v; want refused", err)
+	}
+
+	// An existing stream keeps its replicas whatever a node's --nats_replicas says.
+	if err := openNode(t, urls, "broker", "", 1); err != nil {
+		t.Fatal(err)
+	}
+	nc, err := nats.Connect(urls)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	js, _ := jetstream.New(nc)
+	stream, err := js.Stream(context.Background(), "broker")
+	if err != nil || stream.CachedInfo().Config.Replicas != 3 {
+		t.Fatalf("the log after a node with --nats_replicas 1: %v, %+v; want 3 replicas", err, stream)
+	}
+	// The log cannot be purged; a log whose beginning is gone (limits set by hand) is refused
+	// to a new view.
+	if err := stream.Purge(context.Background()); err == nil {
+		t.Error("the log was purged")
+	}
+	if _, err := js.CreateStream(context.Background(), jetstream.StreamConfig{Name: "trimmed", Subjects: []string{"trimmed"}, Replicas: 3, MaxMsgs: 2}); err != nil {
+		t.Fatal(err)
+	}
+	c := newTestBroker(t, func(cfg *config) { cfg.cluster = clusterConfig{nats: urls, stream: "trimmed", replicas: 3} })
+	for _, name := range []string{"e1", "e2", "e3"} {
+		c.createUser(name, "acme")
+	}
+	if err := openNode(t, urls, "trimmed", "", 3); !errors.Is(err, errLost) {
+		t.Fatalf("a new view of a log that lost its beginning: got %v; want refused", err)
+	}
+}
+
+// TestClusterLogReplaced: a node whose log is deleted and made again stops following it and
+// says so at GET /, rather than applying another log on top of its view.
+func TestClusterLogReplaced(t *testing.T) {
+	_, urls := startNATS(t, 3)
+	a := clusterNode(t, urls, "")
+	a.createUser("erin", "acme")
+	nc, err := nats.Connect(urls)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	js, _ := jetstream.New(nc)
+	if err := js.DeleteStream(context.Background(), "broker"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := js.CreateStream(context.Background(), jetstream.StreamConfig{Name: "broker", Subjects: []string{"broker"}, Replicas: 3}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 20*time.Second, "GET / refused", func() bool {
+		code, _ := a.do("GET", "/", nil)
+		return code == 503
+	})
+}
+
+// TestClusterStartsTogether: nodes started at once on a new log all start, on one stream.
+func TestClusterStartsTogether(t *testing.T) {
+	_, urls := startNATS(t, 3)
+	errs := make([]error, 3)
+	var wg sync.WaitGroup
+	barrier := make(chan struct{})
+	for i := range errs {
+		wg.Go(func() {
+			<-barrier
+			errs[i] = openNode(t, urls, "broker", "", 3)
+		})
+	}
+	close(barrier)
+	wg.Wait()
+	if err := errors.Join(errs...); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestClusterSkipsMalformedMessages: a message broker would never write is skipped alike by
+// every node, which goes on.
+func TestClusterSkipsMalformedMessages(t *testing.T) {
+	_, urls := startNATS(t, 3)
+	a, b := clusterNode(t, urls, ""), clusterNode(t, urls, "")
+	a.createUser("fay", "acme")
+	nc, err := nats.Connect(urls)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	js, _ := jetstream.New(nc)
+	for _, bad := range []string{`{"Bucket":"ZXZlbnRz","Key":"YWNtZQ==","New":"eA=="}`, `{"Events":[{"Tenant":"","Name":"x"}]}`, `not json`} {
+		if _, err := js.Publish(context.Background(), "broker", []byte(bad)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	known(t, b, "fay")
+	jwt := b.login("fay")
+	for _, n := range []*testBroker{a, b} {
+		if id := n.insert(jwt, "e", 1); id == 0 {
+			t.Fatal("no ID")
+		}
+		n.must(200, "GET", "/", nil)
+	}
 }
 
 // BenchmarkClusterInsert measures inserts per second over 32 concurrent clients spread

@@ -43,6 +43,9 @@ func (st *store) appendEvents(evs []*event, published func([]*event)) error {
 }
 
 // await returns at once: the database holds every event there is.
-func (st *store) await(tenant string, id uint64) {}
+func (st *store) await(tenant string, id uint64) error { return nil }
+
+// ready is nil: the database is always ready (GET /).
+func (st *store) ready() error { return nil }
 
 func (st *store) close() error { return st.db.Close() }

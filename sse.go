@@ -449,6 +449,12 @@ func (s *server) handleSSE(w http.ResponseWriter, r *http.Request) {
 		}
 		u, exp, err = s.authenticate(r)
 	}
+	// Last-Event-ID, or ?last_event_id=: browsers resend it on their own, so a malformed value
+	// is taken as absent rather than refused.
+	after, perr := strconv.ParseUint(cmp.Or(r.Header.Get("Last-Event-ID"), q.Get("last_event_id")), 10, 64)
+	if err == nil {
+		err = s.db.await(u.Tenant, after)
+	}
 	if err != nil {
 		s.fail(w, r, err)
 		return
@@ -460,11 +466,6 @@ func (s *server) handleSSE(w http.ResponseWriter, r *http.Request) {
 	if r.Method == http.MethodHead {
 		return
 	}
-	// Last-Event-ID, or ?last_event_id=: browsers resend it on their own, so a malformed value
-	// is taken as absent rather than refused.
-	after, err := strconv.ParseUint(cmp.Or(r.Header.Get("Last-Event-ID"), q.Get("last_event_id")), 10, 64)
-	latest := err != nil
-	s.db.await(u.Tenant, after)
 	// The credentials' expiry, moved from the NTP clock to the local one of the sweep.
 	sub, upto, err := s.hub.subscribe(u, time.Now().Add(time.Unix(exp, 0).Sub(s.now())))
 	if errors.Is(err, errBusy) {
@@ -504,7 +505,8 @@ func (s *server) handleSSE(w http.ResponseWriter, r *http.Request) {
 		sub.w = w
 		http.NewResponseController(w).Flush()
 	}
-	if latest = latest || after > upto; latest {
+	latest := perr != nil || after > upto
+	if latest {
 		after = 0
 	}
 	for {
