@@ -62,7 +62,7 @@ type entry struct {
 var errConflict = errors.New("changed meanwhile")
 
 // errLost: the log is not the one the view was built from, or lacks messages it needs.
-var errLost = errors.New("cluster: the log no longer matches this node's view")
+var errLost = errors.New("the log no longer matches this node's view")
 
 // logKey (meta) holds where the view is: the log position it reflects, the bbolt
 // transaction that applied it (a later one was made without the log) and the log's identity.
