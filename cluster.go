@@ -5,6 +5,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"crypto/ed25519"
 	"crypto/sha256"
 	"encoding/binary"
 	"encoding/hex"
@@ -98,7 +99,7 @@ func (st *store) join(h *hub, c clusterConfig) error {
 	if c.nats == "" {
 		return nil
 	}
-	viewID, err := st.seal()
+	applied, viewID, err := st.seal()
 	if err != nil {
 		return fmt.Errorf("cluster: %w", err)
 	}
@@ -110,7 +111,7 @@ func (st *store) join(h *hub, c clusterConfig) error {
 	if err != nil {
 		return fmt.Errorf("cluster: %w", err)
 	}
-	r := &replica{h: h, log: h.log, nc: nc, subject: c.stream, quit: make(chan struct{}), done: make(chan struct{}), waiting: map[string]*waiter{}, moved: make(chan struct{})}
+	r := &replica{h: h, log: h.log, nc: nc, subject: c.stream, applied: applied, quit: make(chan struct{}), done: make(chan struct{}), waiting: map[string]*waiter{}, moved: make(chan struct{})}
 	last, err := st.start(r, c, viewID)
 	if err == nil {
 		err = r.consume()
@@ -125,11 +126,12 @@ func (st *store) join(h *hub, c clusterConfig) error {
 	return r.reach(last, nil)
 }
 
-// seal reads where the view is, and returns the identity of its log ("" for a new view).
+// seal reads where the view is: its position in the log and the log's identity ("" for a
+// new view).
 // Opening the database is one write transaction (createBuckets): any other since the view
 // last recorded its place was made without the log, and the view is refused (errLost).
 // Otherwise it records its place again, so that this opening does not count at the next.
-func (st *store) seal() (id string, err error) {
+func (st *store) seal() (applied uint64, id string, err error) {
 	err = st.db.Update(func(tx *bolt.Tx) error {
 		mark := bytes.Clone(tx.Bucket(bucketMeta).Get(logKey))
 		if len(mark) < 16 { // made without the log: the other nodes lack its users, events and biscuit key
@@ -139,13 +141,13 @@ func (st *store) seal() (id string, err error) {
 				}
 			}
 			return nil
-		} else if uint64(tx.ID()) != binary.BigEndian.Uint64(mark[8:])+2 {
+		} else if uint64(tx.ID()) > binary.BigEndian.Uint64(mark[8:])+3 { // one more: an opening that wrote nothing, or died before sealing
 			return fmt.Errorf("%w: the database in --db was written without the log", errLost)
 		}
-		id = string(mark[16:])
-		return tx.Bucket(bucketMeta).Put(logKey, placeMark(binary.BigEndian.Uint64(mark), tx.ID(), id))
+		applied, id = binary.BigEndian.Uint64(mark), string(mark[16:])
+		return tx.Bucket(bucketMeta).Put(logKey, placeMark(applied, tx.ID(), id))
 	})
-	return id, err
+	return applied, id, err
 }
 
 // placeMark is the value of logKey.
@@ -177,15 +179,9 @@ func (st *store) start(r *replica, c clusterConfig, viewID string) (last uint64,
 	if info.Config.Replicas != c.replicas {
 		r.log.Warn("cluster: the log's stream exists with another number of replicas, which broker leaves as it is", "replicas", info.Config.Replicas, "nats_replicas", c.replicas)
 	}
-	st.db.View(func(tx *bolt.Tx) error {
-		if mark := tx.Bucket(bucketMeta).Get(logKey); mark != nil {
-			r.applied = binary.BigEndian.Uint64(mark)
-		}
-		return nil
-	})
 	r.id = fmt.Sprint(c.stream, "@", info.Created.UnixNano())
-	if last = info.State.LastSeq; viewID != "" && viewID != r.id || r.applied > last || info.State.FirstSeq > r.applied+1 {
-		return 0, fmt.Errorf("%w: the database in --db was built from another log than %q, or the log lacks messages it needs (the view is at %d, the log holds %d-%d): move it away, and the node rebuilds its view from the log", errLost, c.stream, r.applied, info.State.FirstSeq, last)
+	if last = info.State.LastSeq; viewID != "" && viewID != r.id || r.applied > last {
+		return 0, fmt.Errorf("%w: the database in --db was built from another log than %q (its view is at %d of %d): move it away, and the node rebuilds its view from the log", errLost, c.stream, r.applied, last)
 	}
 	return last, nil
 }
@@ -198,20 +194,21 @@ func (r *replica) consume() error {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
 	stream, err := r.js.Stream(ctx, r.subject)
-	if err == nil && (fmt.Sprint(r.subject, "@", stream.CachedInfo().Created.UnixNano()) != r.id || stream.CachedInfo().State.FirstSeq > r.applied+1) {
-		return errLost
+	if err != nil {
+		return err
+	} else if fmt.Sprint(r.subject, "@", stream.CachedInfo().Created.UnixNano()) != r.id {
+		return fmt.Errorf("%w: its stream was made again", errLost)
+	} else if _, err = stream.GetMsg(ctx, r.applied+1); errors.Is(err, jetstream.ErrMsgNotFound) && stream.CachedInfo().State.LastSeq > r.applied {
+		return fmt.Errorf("%w: message %d, which the view needs next, is gone", errLost, r.applied+1)
 	}
-	var cons jetstream.Consumer
-	if err == nil {
-		cons, err = stream.CreateConsumer(ctx, jetstream.ConsumerConfig{
-			DeliverPolicy: jetstream.DeliverByStartSequencePolicy, OptStartSeq: r.applied + 1,
-			AckPolicy: jetstream.AckNonePolicy, MemoryStorage: true, Replicas: 1, InactiveThreshold: time.Minute,
-		})
+	cons, err := stream.CreateConsumer(ctx, jetstream.ConsumerConfig{
+		DeliverPolicy: jetstream.DeliverByStartSequencePolicy, OptStartSeq: r.applied + 1,
+		AckPolicy: jetstream.AckNonePolicy, MemoryStorage: true, Replicas: 1, InactiveThreshold: time.Minute,
+	})
+	if err != nil {
+		return err
 	}
-	var it jetstream.MessagesContext
-	if err == nil { // heartbeats every second: a consumer lost with its server is noticed within 2 s
-		it, err = cons.Messages(jetstream.PullExpiry(2 * time.Second))
-	}
+	it, err := cons.Messages(jetstream.PullExpiry(2 * time.Second)) // heartbeats every second: a consumer lost with its server is noticed within 2 s
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if err == nil && closed(r.quit) {
@@ -237,6 +234,7 @@ func closed(c chan struct{}) bool {
 // cannot go on: the log was replaced, or the database fails to write (a full disk).
 func (r *replica) follow(st *store) {
 	defer close(r.done)
+	var failed time.Time
 	for {
 		r.mu.Lock()
 		it := r.it
@@ -250,7 +248,11 @@ func (r *replica) follow(st *store) {
 			err = fmt.Errorf("message %d after %d", meta.Sequence.Stream, r.applied)
 		}
 		if err != nil { // a lost consumer or message: a new consumer from where the view is
-			for it.Stop(); !closed(r.quit) && !errors.Is(err, errLost); time.Sleep(time.Second) {
+			it.Stop()
+			for pause := time.Since(failed) < 5*time.Second; !closed(r.quit) && !errors.Is(err, errLost); pause = true {
+				if failed = time.Now(); pause {
+					time.Sleep(time.Second) // an error again soon: a line a second at most
+				}
 				r.log.Warn("cluster: following the log again", "from", r.applied+1, "err", err)
 				if err = r.consume(); err == nil {
 					break
@@ -302,9 +304,13 @@ func (r *replica) follow(st *store) {
 // events of valid tenants and names, or a user or the biscuit key.
 func (e *entry) valid() bool {
 	if e.Bucket == nil {
-		return !slices.ContainsFunc(e.Events, func(ev *event) bool { return !validName(ev.Tenant, false) || !eventNameRE.MatchString(ev.Name) })
+		return !slices.ContainsFunc(e.Events, func(ev *event) bool {
+			return ev == nil || !validName(ev.Tenant, false) || !eventNameRE.MatchString(ev.Name) || len(ev.Data) > maxEventData || !json.Valid(ev.Data) || bytes.ContainsAny(ev.Data, "\r\n")
+		})
 	}
-	return e.New != nil && len(e.Key) > 0 && len(e.Key) <= bolt.MaxKeySize && (bytes.Equal(e.Bucket, bucketUsers) || bytes.Equal(e.Bucket, bucketMeta) && string(e.Key) == "biscuit_root")
+	_, err := decodeUser(e.New)
+	return len(e.Key) > 0 && len(e.Key) <= bolt.MaxKeySize && (bytes.Equal(e.Bucket, bucketUsers) && err == nil ||
+		bytes.Equal(e.Bucket, bucketMeta) && string(e.Key) == "biscuit_root" && len(e.New) == ed25519.PrivateKeySize)
 }
 
 // accessChanged reports whether a user's change ends its streams: a tenant or token
@@ -359,11 +365,8 @@ func (st *store) apply(e *entry, seq uint64) (old []byte, err error) {
 	return old, err
 }
 
-// digest is the SHA-256 of v, nil for no value.
+// digest is the SHA-256 of v. Values are never empty, so that of nil stands for no value.
 func digest(v []byte) []byte {
-	if v == nil {
-		return nil
-	}
 	d := sha256.Sum256(v)
 	return d[:]
 }
@@ -430,6 +433,9 @@ func (st *store) propose(e *entry, evs []*event) error {
 		return err
 	}
 	id, w := hex.EncodeToString(randomBytes(16)), &waiter{evs: evs, done: make(chan error, 1)}
+	if closed(r.done) { // nothing will apply it here
+		return &retryError{after: time.Second, error: fmt.Errorf("%w: this node stopped following the cluster's log", errBusy)}
+	}
 	r.mu.Lock()
 	r.waiting[id] = w
 	r.mu.Unlock()
@@ -444,6 +450,8 @@ func (st *store) propose(e *entry, evs []*event) error {
 				return err
 			case <-deadline:
 				return r.abandon(id, w, "this node's view is behind the cluster's log")
+			case <-r.done:
+				return r.abandon(id, w, "this node stopped following the cluster's log")
 			}
 		}
 		r.log.Warn("cluster: the log did not take a change: retrying", "err", err)

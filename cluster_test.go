@@ -355,8 +355,7 @@ func TestClusterRefusesForeignViews(t *testing.T) {
 		}
 	}
 
-	// A view opened without the log (by this build without --nats), which may then have
-	// been written, is refused.
+	// A view written without the log (by this build without --nats) is refused.
 	a := clusterNode(t, urls, "")
 	a.createUser("dave", "acme")
 	dir := a.s.cfg.db
@@ -364,9 +363,15 @@ func TestClusterRefusesForeignViews(t *testing.T) {
 	if err := openNode(t, urls, "broker", dir, 3); err != nil { // reopened as it is: fine, and again
 		t.Fatal(err)
 	}
-	if err := openNode(t, "", "broker", dir, 3); err != nil { // alone, without the log
+	if err := openNode(t, "", "broker", dir, 3); err != nil { // alone, without the log, writing nothing: fine
 		t.Fatal(err)
 	}
+	if err := openNode(t, urls, "broker", dir, 3); err != nil {
+		t.Fatal(err)
+	}
+	alone := newTestBroker(t, func(c *config) { c.db = dir })
+	alone.insert(alone.login("dave"), "e", 1)
+	alone.stop()
 	if err := openNode(t, urls, "broker", dir, 3); !errors.Is(err, errLost) {
 		t.Fatalf("a view written without the log: got %v; want refused", err)
 	}
@@ -408,6 +413,24 @@ func TestClusterRefusesForeignViews(t *testing.T) {
 	if err := openNode(t, urls, "trimmed", "", 3); !errors.Is(err, errLost) {
 		t.Fatalf("a new view of a log that lost its beginning: got %v; want refused", err)
 	}
+	// Nor one that lost a message in its middle (deletes allowed by hand).
+	if _, err := js.CreateStream(context.Background(), jetstream.StreamConfig{Name: "holed", Subjects: []string{"holed"}, Replicas: 3}); err != nil {
+		t.Fatal(err)
+	}
+	d := newTestBroker(t, func(cfg *config) { cfg.cluster = clusterConfig{nats: urls, stream: "holed", replicas: 3} })
+	for _, name := range []string{"h1", "h2", "h3"} {
+		d.createUser(name, "acme")
+	}
+	holed, err := js.Stream(context.Background(), "holed")
+	if err == nil {
+		err = holed.DeleteMsg(context.Background(), 2)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := openNode(t, urls, "holed", "", 3); err == nil { // it stops at the hole, with errLost in its log
+		t.Fatalf("a new view of a log with a hole: got %v; want refused", err)
+	}
 }
 
 // TestClusterLogReplaced: a node whose log is deleted and made again stops following it and
@@ -432,6 +455,13 @@ func TestClusterLogReplaced(t *testing.T) {
 		code, _ := a.do("GET", "/", nil)
 		return code == 503
 	})
+	// A node that stopped following the log refuses writes, which it could not apply.
+	if code, out := a.do("POST", "/create_user", obj{"admin_token": "letmein", "username": "gus", "password": "pw-gus", "tenant_name": "acme"}); code != 503 {
+		t.Errorf("a write on a node that stopped following the log: got %d %s; want 503", code, out)
+	}
+	if stream, err := js.Stream(context.Background(), "broker"); err != nil || stream.CachedInfo().State.Msgs != 0 {
+		t.Errorf("the new log holds %+v, %v; want nothing", stream, err)
+	}
 }
 
 // TestClusterStartsTogether: nodes started at once on a new log all start, on one stream.
@@ -465,18 +495,24 @@ func TestClusterSkipsMalformedMessages(t *testing.T) {
 	}
 	defer nc.Close()
 	js, _ := jetstream.New(nc)
-	for _, bad := range []string{`{"Bucket":"ZXZlbnRz","Key":"YWNtZQ==","New":"eA=="}`, `{"Events":[{"Tenant":"","Name":"x"}]}`, `not json`} {
+	for _, bad := range []string{
+		`{"Bucket":"ZXZlbnRz","Key":"YWNtZQ==","New":"eA=="}`, // a put over a tenant's bucket of events
+		`{"Bucket":"dXNlcnM=","Key":"ZmF5","New":"eA=="}`,     // a user that is not one
+		`{"Events":[{"Tenant":"","Name":"x"}]}`, `{"Events":[null]}`, `not json`,
+		`{"Events":[{"Tenant":"acme","Name":"x","Data":"MQoKZXZlbnQ6Zm9yZ2Vk"}]}`, // data with a frame in it
+	} {
 		if _, err := js.Publish(context.Background(), "broker", []byte(bad)); err != nil {
 			t.Fatal(err)
 		}
 	}
 	known(t, b, "fay")
 	jwt := b.login("fay")
-	for _, n := range []*testBroker{a, b} {
-		if id := n.insert(jwt, "e", 1); id == 0 {
-			t.Fatal("no ID")
+	for i, n := range []*testBroker{a, b} {
+		if id := n.insert(jwt, "e", 1); id != uint64(i+1) {
+			t.Fatalf("insert %d: ID %d; want %d", i, id, i+1)
 		}
 		n.must(200, "GET", "/", nil)
+		n.must(200, "POST", "/get_user", obj{"admin_token": "letmein", "username": "fay"})
 	}
 }
 
