@@ -127,8 +127,7 @@ func (st *store) join(h *hub, c clusterConfig) error {
 }
 
 // seal reads where the view is: its position in the log and the log's identity ("" for a
-// new view).
-// Opening the database is one write transaction (createBuckets): any other since the view
+// new view). Opening the database is one write transaction (createBuckets): any other since the view
 // last recorded its place was made without the log, and the view is refused (errLost).
 // Otherwise it records its place again, so that this opening does not count at the next.
 func (st *store) seal() (applied uint64, id string, err error) {
@@ -156,14 +155,16 @@ func placeMark(seq uint64, tx int, id string) []byte {
 }
 
 // start opens the log's stream, creating it if there is none (a stream that exists is
-// left as it is), checks that it is the log of the view (of identity viewID) and still
-// holds every message after it, and returns its last position.
+// left as it is), checks that it is the log of the view (of identity viewID), and returns
+// its last position. (consume checks that it holds the next message.)
 func (st *store) start(r *replica, c clusterConfig, viewID string) (last uint64, err error) {
 	if r.js, err = jetstream.New(r.nc); err != nil {
 		return 0, err
 	}
 	var info *jetstream.StreamInfo
-	for deadline := time.Now().Add(30 * time.Second); info == nil; time.Sleep(time.Second) { // nodes starting together race to create it
+	// Nodes starting together race to create the stream; a second's pause after each try
+	// (also after success) lets a stream just made reach every server before it is consumed.
+	for deadline := time.Now().Add(30 * time.Second); info == nil; time.Sleep(time.Second) {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		stream, err := r.js.Stream(ctx, c.stream)
 		if errors.Is(err, jetstream.ErrStreamNotFound) {
