@@ -86,6 +86,18 @@ func startNATS(t testing.TB, n int) ([]*natsserver.Server, string) {
 	return servers, strings.Join(urls, ",")
 }
 
+// jetStream connects to the cluster at urls for the test's duration.
+func jetStream(t *testing.T, urls string) jetstream.JetStream {
+	t.Helper()
+	nc, err := nats.Connect(urls)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(nc.Close)
+	js, _ := jetstream.New(nc)
+	return js
+}
+
 // clusterNode starts a broker on the cluster at urls, with its view in db (a new folder
 // when empty).
 func clusterNode(t *testing.T, urls, db string) *testBroker {
@@ -259,13 +271,7 @@ func TestClusterFaults(t *testing.T) {
 
 	// The NATS server leading the log's stream goes: the log, with three replicas, stays
 	// available once the other two have elected a leader.
-	nc, err := nats.Connect(urls)
-	if err != nil {
-		t.Fatal(err)
-	}
-	js, _ := jetstream.New(nc)
-	stream, err := js.Stream(context.Background(), "broker")
-	nc.Close()
+	stream, err := jetStream(t, urls).Stream(context.Background(), "broker")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -388,12 +394,7 @@ func TestClusterRefusesForeignViews(t *testing.T) {
 	if err := openNode(t, urls, "broker", "", 1); err != nil {
 		t.Fatal(err)
 	}
-	nc, err := nats.Connect(urls)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer nc.Close()
-	js, _ := jetstream.New(nc)
+	js := jetStream(t, urls)
 	stream, err := js.Stream(context.Background(), "broker")
 	if err != nil || stream.CachedInfo().Config.Replicas != 3 {
 		t.Fatalf("the log after a node with --nats_replicas 1: %v, %+v; want 3 replicas", err, stream)
@@ -439,12 +440,7 @@ func TestClusterLogReplaced(t *testing.T) {
 	_, urls := startNATS(t, 3)
 	a := clusterNode(t, urls, "")
 	a.createUser("erin", "acme")
-	nc, err := nats.Connect(urls)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer nc.Close()
-	js, _ := jetstream.New(nc)
+	js := jetStream(t, urls)
 	if err := js.DeleteStream(context.Background(), "broker"); err != nil {
 		t.Fatal(err)
 	}
@@ -489,12 +485,7 @@ func TestClusterSkipsMalformedMessages(t *testing.T) {
 	_, urls := startNATS(t, 3)
 	a, b := clusterNode(t, urls, ""), clusterNode(t, urls, "")
 	a.createUser("fay", "acme")
-	nc, err := nats.Connect(urls)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer nc.Close()
-	js, _ := jetstream.New(nc)
+	js := jetStream(t, urls)
 	for _, bad := range []string{
 		`{"Bucket":"ZXZlbnRz","Key":"YWNtZQ==","New":"eA=="}`, // a put over a tenant's bucket of events
 		`{"Bucket":"dXNlcnM=","Key":"ZmF5","New":"eA=="}`,     // a user that is not one
