@@ -277,8 +277,8 @@ func (r *replica) follow(st *store) {
 		w := r.waiting[id]
 		delete(r.waiting, id) // this node's proposal is answered here, whatever happens
 		r.mu.Unlock()
-		if w != nil && w.evs != nil {
-			e.Events = w.evs // the same events: the insert gets their IDs
+		if w != nil && w.evs != nil && len(w.evs) == len(e.Events) {
+			e.Events = w.evs // the same events, as every node applies them: the insert gets their IDs
 		}
 		old, err := st.apply(&e, meta.Sequence.Stream)
 		if w != nil {
